@@ -1,0 +1,6 @@
+"""Controller families, one module each. Importing this package registers them all."""
+
+from adaptk.controllers.fixed import Fixed
+from adaptk.controllers.heuristic import HFHeuristic
+
+__all__ = ["Fixed", "HFHeuristic"]
