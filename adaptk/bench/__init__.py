@@ -1,0 +1,1 @@
+"""Benchmark harness: exact replay (runner, report) and real decoding (reference)."""
