@@ -1,0 +1,257 @@
+"""``adaptk``: our own controller — per-sequence draft lengths that maximise predicted batch goodput."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from adaptk.core import SpeculationController
+from adaptk.registry import register
+from adaptk.types import Decision, Feedback, StepContext
+
+__all__ = ["AdaptK"]
+
+_WIDTH = 32  # positions tracked per round; k_max beyond this is clipped
+_NGRAM_BUCKETS = 5  # matched suffix length 0, 1, 2, 3+, and "no hint"
+_HISTORY_STATES = 4  # new, last round rejected at once, partially accepted, fully accepted
+_RATE_BUCKETS = 4  # unknown, < 0.25, < 0.6, >= 0.6
+_THRESHOLDS = np.array([0.9, 0.75, 0.6, 0.45, 0.3, 0.2, 0.1, 0.05])
+
+
+@register("adaptk")
+class AdaptK(SpeculationController):
+    """Choose every sequence's draft length to maximise predicted token goodput of the batch.
+
+    Each step it predicts, for every sequence ``i`` and draft position ``j``, the probability
+    ``c_ij`` that draft token ``j`` is accepted given that the ones before it were, turns that into
+    the expected tokens emitted for every possible length, ``E_i(k) = 1 + Σ_{j<k} Π_{l≤j} c_il``,
+    and picks the allocation ``k⃗`` that maximises ``Σ_i E_i(k_i) / T(B, k⃗, contexts)`` — ``k = 0``
+    included, so it stops speculating where speculation does not pay.
+
+    * **Acceptance** is a table of decayed Beta counts over position ``j`` and three context
+      features known before drafting: the drafter's hint (for prompt lookup, the matched n-gram
+      length), the sequence's last round (rejected at once / partial / fully accepted) and the
+      sequence's own acceptance rate. Sparse cells back off to coarser ones (hierarchical
+      smoothing), and a small optimism bonus on uncertain cells is the exploration. For early-exit
+      drafting the per-layer shadow agreement in ``Feedback.layer_matches`` gives every layer's
+      acceptance each step, so the exit layer is chosen without trying each one.
+    * **Cost** comes from the latency model: a profile or preset when ``latency`` names one (what
+      ``adaptk bench`` passes as the profiling phase), otherwise learned online from the step
+      timings in ``Feedback`` (:class:`~adaptk.estimators.latency.OnlineLatency`) — no profiling
+      needed.
+    * **Allocation** evaluates two families of candidates in one vectorised pass: a batch cap ``K``
+      (``k_i = min(K, available_i)``, optimal when every row pays for the longest draft, as in a
+      padded batch) and a survival threshold ``τ`` (``k_i`` = positions whose ``Π c ≥ τ``,
+      optimal when cost follows total tokens, as in vLLM's packed batches).
+
+    Parameters
+    ----------
+    latency
+        Cost profile / preset name or JSON path; ``None`` learns costs online.
+    decay
+        Per-step decay of the acceptance counts (``0.998`` ≈ a 500-step memory).
+    prior_rate
+        Acceptance assumed for a position with no data at all (optimistic, so it gets tried).
+    prior_strength
+        Pseudo-counts with which a cell leans on its coarser parent.
+    exploration
+        Weight of the optimism bonus ``exploration · sqrt(p(1−p)/(n+1))``.
+    rate_weight
+        EWMA weight of a sequence's own acceptance rate (feature).
+
+    >>> import adaptk
+    >>> from adaptk import StepContext, Feedback
+    >>> c = adaptk.make("adaptk", latency="h100-llama3-8b")
+    >>> ctx = StepContext(step=0, seq_ids=[1], context_lens=[500], k_max=8, draft_available=[8], match_ngram_lens=[3])
+    >>> int(c.decide(ctx).num_draft_tokens[0]) > 0          # batch 1 on an H100: speculation is nearly free
+    True
+    >>> for step in range(50):                                 # the drafts never match
+    ...     k = c.decide(StepContext(step=step, seq_ids=[1], context_lens=[500], k_max=8,
+    ...                              draft_available=[8], match_ngram_lens=[1])).num_draft_tokens
+    ...     c.update(Feedback(seq_ids=[1], num_draft_tokens=k, num_accepted_tokens=[0]))
+    >>> int(c.decide(StepContext(step=50, seq_ids=[1], context_lens=[500], k_max=8,
+    ...                          draft_available=[8], match_ngram_lens=[1])).num_draft_tokens[0])
+    0
+    """
+
+    required_signals = frozenset({"layer_agreement"})
+
+    def __init__(
+        self,
+        latency: str | None = None,
+        decay: float = 0.998,
+        prior_rate: float = 0.5,
+        prior_strength: float = 4.0,
+        exploration: float = 0.3,
+        rate_weight: float = 0.3,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must lie in (0, 1], got {decay!r}")
+        if not 0.0 < prior_rate < 1.0:
+            raise ValueError(f"prior_rate must lie in (0, 1), got {prior_rate!r}")
+        if prior_strength <= 0 or exploration < 0 or not 0.0 < rate_weight <= 1.0:
+            raise ValueError("prior_strength must be > 0, exploration >= 0 and rate_weight in (0, 1]")
+        self.latency = latency
+        self.decay = decay
+        self.prior_rate = prior_rate
+        self.prior_strength = prior_strength
+        self.exploration = exploration
+        self.rate_weight = rate_weight
+        cells = _NGRAM_BUCKETS * _HISTORY_STATES * _RATE_BUCKETS
+        self._successes = np.zeros((cells, _WIDTH))
+        self._trials = np.zeros((cells, _WIDTH))
+        self._accept = np.full((cells, _WIDTH), prior_rate)  # optimistic posterior means, per cell
+        self._layer_matches: np.ndarray | None = None  # decayed shadow agreement per layer (early exit)
+        self._layer_compared: np.ndarray | None = None
+        self._seqs: dict[int, list[float]] = {}  # seq_id -> [history state, own rate, last cell]
+        self._cost: Any = None
+        self._drafter: str | None = None
+        self._last_context_lens: dict[int, int] = {}
+
+    # -- cost model ------------------------------------------------------------------------------
+    def _cost_model(self, context: StepContext) -> Any:
+        if self._cost is None:
+            if context.exit_layers is not None:
+                self._init_cost("early_exit")
+            elif context.draft_available is not None:
+                self._init_cost("prompt_lookup")
+            else:
+                self._init_cost("draft_model")
+        return self._cost
+
+    def _init_cost(self, drafter: str) -> None:
+        from adaptk.estimators.latency import OnlineLatency, get_latency_model
+
+        self._drafter = drafter
+        if self.latency is None or self.latency == "online":
+            self._cost = OnlineLatency()
+        else:
+            self._cost = get_latency_model(self.latency, drafter=drafter)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # the cost model must exist before its learned state can be loaded into it
+        drafter = state.get("state", {}).get("_drafter") if isinstance(state, dict) else None
+        if isinstance(drafter, str) and self._cost is None:
+            self._init_cost(drafter)
+        super().load_state_dict(state)
+
+    def _candidate_costs(self, batch: int, lengths: np.ndarray, context_lens: np.ndarray,
+                         exit_layer: int | None) -> np.ndarray:
+        """Step seconds for each candidate column of ``lengths`` (batch, candidates)."""
+        cost = self._cost
+        ctx_sum = float(context_lens.sum())
+        ctx_max = float(context_lens.max())
+        forwards = lengths.max(axis=0).astype(np.float64)
+        if cost.ragged == "padded":
+            n = forwards + 1.0
+            total = n * batch
+        else:
+            total = (lengths + 1).sum(axis=0).astype(np.float64)
+            n = total / batch
+        return cost._verify(batch, n, total, ctx_sum, ctx_max) + cost._draft(batch, forwards, ctx_sum, exit_layer)
+
+    # -- acceptance ------------------------------------------------------------------------------
+    def _features(self, context: StepContext) -> np.ndarray:
+        """Cell index per sequence from (n-gram hint, last round, own rate)."""
+        if context.match_ngram_lens is not None:
+            ngram = np.minimum(context.match_ngram_lens, 3)
+        else:
+            ngram = np.full(len(context.seq_ids), 4)
+        states = [self._seqs.get(s) for s in context.seq_ids.tolist()]
+        history = np.array([0 if st is None else st[0] for st in states], dtype=np.int64)
+        rate = np.array([-1.0 if st is None else st[1] for st in states])
+        rate_bucket = np.where(rate < 0, 0, np.where(rate < 0.25, 1, np.where(rate < 0.6, 2, 3)))
+        return (ngram * _HISTORY_STATES + history) * _RATE_BUCKETS + rate_bucket
+
+    def _refresh_acceptance(self) -> None:
+        """Posterior means with hierarchical backoff, plus the optimism bonus."""
+        m = self.prior_strength
+        shape = (_NGRAM_BUCKETS, _HISTORY_STATES, _RATE_BUCKETS, _WIDTH)
+        s = self._successes.reshape(shape)
+        n = self._trials.reshape(shape)
+        s_j, n_j = s.sum(axis=(0, 1, 2)), n.sum(axis=(0, 1, 2))
+        p_j = (s_j + m * self.prior_rate) / (n_j + m)
+        s_g, n_g = s.sum(axis=(1, 2)), n.sum(axis=(1, 2))
+        p_g = (s_g + m * p_j) / (n_g + m)
+        s_gh, n_gh = s.sum(axis=2), n.sum(axis=2)
+        p_gh = (s_gh + m * p_g[:, None, :]) / (n_gh + m)
+        p = (s + m * p_gh[:, :, None, :]) / (n + m)
+        bonus = self.exploration * np.sqrt(p * (1 - p) / (n + 1))
+        self._accept = np.clip(p + bonus, 0.0, 0.999).reshape(self._accept.shape)
+
+    # -- the protocol ----------------------------------------------------------------------------
+    def _decide(self, context: StepContext) -> Decision:
+        batch = len(context.seq_ids)
+        width = min(context.k_max, _WIDTH)
+        if batch == 0 or width == 0:
+            return Decision(np.zeros(batch, dtype=np.int64))
+        self._cost_model(context)
+        cells = self._features(context)
+        cap = np.full(batch, width) if context.draft_available is None else np.minimum(context.draft_available, width)
+        layers: tuple[int | None, ...] = context.exit_layers or (None,)
+        best_value, best_lengths, best_layer = -np.inf, np.zeros(batch, dtype=np.int64), None
+        for layer in layers:
+            accept = self._accept[cells, :width]
+            if layer is not None and self._layer_compared is not None and layer - 1 < len(self._layer_compared):
+                # shadow agreement of this layer, shrunk toward the prior
+                rate = (self._layer_matches[layer - 1] + self.prior_strength * self.prior_rate) / (
+                    self._layer_compared[layer - 1] + self.prior_strength)
+                accept = np.broadcast_to(rate, accept.shape)
+            survival = np.cumprod(accept, axis=1)  # P(positions 0..j all accepted)
+            expected = np.concatenate([np.ones((batch, 1)), 1.0 + np.cumsum(survival, axis=1)], axis=1)
+            uniform = np.minimum(np.arange(width + 1)[None, :], cap[:, None])
+            thresholded = np.minimum((survival[:, :, None] >= _THRESHOLDS[None, None, :]).sum(axis=1), cap[:, None])
+            lengths = np.concatenate([uniform, thresholded], axis=1)
+            gain = np.take_along_axis(expected, lengths, axis=1).sum(axis=0)
+            value = gain / self._candidate_costs(batch, lengths, context.context_lens, layer)
+            value[0] *= 1.0 + 1e-9  # ties go to plain decoding
+            i = int(np.argmax(value))
+            if value[i] > best_value:
+                best_value, best_lengths, best_layer = value[i], lengths[:, i], layer
+        for seq_id, cell in zip(context.seq_ids.tolist(), cells.tolist()):
+            state = self._seqs.get(seq_id)
+            if state is None:
+                self._seqs[seq_id] = [0, -1.0, cell]
+            else:
+                state[2] = cell
+        for seq_id, length in zip(context.seq_ids.tolist(), context.context_lens.tolist()):
+            self._last_context_lens[seq_id] = length
+        return Decision(best_lengths.astype(np.int64), exit_layer=best_layer)
+
+    def _update(self, feedback: Feedback) -> None:
+        drafted, accepted = feedback.num_draft_tokens, feedback.num_accepted_tokens
+        if self._cost is not None:
+            lens = [self._last_context_lens.get(s, 0) for s in feedback.seq_ids.tolist()]
+            if len(lens) and feedback.verify_time_s > 0:
+                self._cost.observe(len(lens), np.minimum(drafted, _WIDTH - 1), lens, feedback.draft_time_s,
+                                   feedback.verify_time_s, feedback.exit_layer)
+        self._successes *= self.decay
+        self._trials *= self.decay
+        if feedback.layer_matches is not None:
+            if self._layer_compared is None or len(self._layer_compared) != feedback.layer_matches.shape[1]:
+                self._layer_matches = np.zeros(feedback.layer_matches.shape[1])
+                self._layer_compared = np.zeros(feedback.layer_matches.shape[1])
+            self._layer_matches = self._layer_matches * self.decay + feedback.layer_matches.sum(axis=0)
+            self._layer_compared = self._layer_compared * self.decay + feedback.layer_compared.sum(axis=0)
+        rounds = drafted > 0
+        if not rounds.any():
+            return
+        positions = np.arange(_WIDTH)[None, :]
+        d, a = np.minimum(drafted[rounds], _WIDTH)[:, None], accepted[rounds][:, None]
+        trials = (positions < d) & (positions <= a)  # position j was drafted and reached
+        successes = positions < a
+        states = [self._seqs[s] for s in feedback.seq_ids[rounds].tolist()]
+        cells = np.array([int(st[2]) for st in states], dtype=np.int64)
+        np.add.at(self._trials, cells, trials)
+        np.add.at(self._successes, cells, successes)
+        for st, dd, aa in zip(states, drafted[rounds].tolist(), accepted[rounds].tolist()):
+            st[0] = 3 if aa == dd else (2 if aa > 0 else 1)
+            observed = aa / dd
+            st[1] = observed if st[1] < 0 else (1 - self.rate_weight) * st[1] + self.rate_weight * observed
+        self._refresh_acceptance()
+
+    def _end_sequence(self, seq_id: int) -> None:
+        self._seqs.pop(seq_id, None)
+        self._last_context_lens.pop(seq_id, None)
