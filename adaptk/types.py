@@ -118,7 +118,7 @@ class StepContext:
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"{name} has {len(value)} entries for {n} seq_ids")
-        if n and len(np.unique(self.seq_ids)) != n:
+        if n > 1 and len(set(self.seq_ids.tolist())) != n:
             raise ValueError("seq_ids must be unique within a step")
 
     @property
@@ -199,22 +199,23 @@ class Feedback:
         for name in ("num_draft_tokens", "num_accepted_tokens"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} seq_ids")
-        if n and len(np.unique(self.seq_ids)) != n:
+        if n > 1 and len(set(self.seq_ids.tolist())) != n:
             raise ValueError("seq_ids in feedback must be unique")
+        width = 0
         if n:
-            if self.num_draft_tokens.min() < 0:
+            drafted, accepted = self.num_draft_tokens, self.num_accepted_tokens
+            width = int(drafted.max())
+            if drafted.min() < 0:
                 raise ValueError("num_draft_tokens must be >= 0")
-            if self.num_accepted_tokens.min() < 0:
+            if accepted.min() < 0:
                 raise ValueError("num_accepted_tokens must be >= 0")
-            if np.any(self.num_accepted_tokens > self.num_draft_tokens):
+            if (accepted > drafted).any():
                 raise ValueError("num_accepted_tokens exceeds num_draft_tokens")
-            if k_max is not None and self.num_draft_tokens.max() > k_max:
+            if k_max is not None and width > k_max:
                 raise ValueError(f"num_draft_tokens exceeds k_max={k_max}")
-        for name in ("draft_time_s", "verify_time_s"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value) or value < 0:
+        for name, value in (("draft_time_s", self.draft_time_s), ("verify_time_s", self.verify_time_s)):
+            if not (isinstance(value, (int, float, np.floating, np.integer)) and 0 <= value < math.inf):
                 raise ValueError(f"{name} must be a finite non-negative number of seconds, got {value!r}")
-        width = int(self.num_draft_tokens.max()) if n else 0
         for name in ("draft_probs", "draft_entropies", "kl_divergences"):
             signal = getattr(self, name)
             if signal is None:

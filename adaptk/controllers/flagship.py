@@ -16,6 +16,9 @@ _WIDTH = 32  # positions tracked per round; k_max beyond this is clipped
 _NGRAM_BUCKETS = 5  # matched suffix length 0, 1, 2, 3+, and "no hint"
 _HISTORY_STATES = 4  # new, last round rejected at once, partially accepted, fully accepted
 _RATE_BUCKETS = 4  # unknown, < 0.25, < 0.6, >= 0.6
+# The smoothed table is rebuilt every few updates: per-sequence features react at once, the
+# pooled estimates need not, and the rebuild is most of an update's cost.
+_REFRESH_EVERY = 4
 _THRESHOLDS = np.array([0.9, 0.75, 0.6, 0.45, 0.3, 0.2, 0.1, 0.05])
 
 
@@ -109,6 +112,7 @@ class AdaptK(SpeculationController):
         self._cost: Any = None
         self._drafter: str | None = None
         self._last_context_lens: dict[int, int] = {}
+        self._updates_since_refresh = 0
 
     # -- cost model ------------------------------------------------------------------------------
     def _cost_model(self, context: StepContext) -> Any:
@@ -166,20 +170,27 @@ class AdaptK(SpeculationController):
         return (ngram * _HISTORY_STATES + history) * _RATE_BUCKETS + rate_bucket
 
     def _refresh_acceptance(self) -> None:
-        """Posterior means with hierarchical backoff, plus the optimism bonus."""
+        """Posterior means with backoff, plus the optimism bonus.
+
+        Position 0 of a cell leans on coarser cells (same n-gram hint, then all cells); position
+        ``j > 0`` leans on the same cell's position ``j − 1``: acceptance deep into a draft
+        resembles acceptance just before it (long when the text is being copied), so positions the
+        controller has not tried yet inherit a sensible, not an arbitrary, estimate.
+        """
         m = self.prior_strength
-        shape = (_NGRAM_BUCKETS, _HISTORY_STATES, _RATE_BUCKETS, _WIDTH)
-        s = self._successes.reshape(shape)
-        n = self._trials.reshape(shape)
-        s_j, n_j = s.sum(axis=(0, 1, 2)), n.sum(axis=(0, 1, 2))
-        p_j = (s_j + m * self.prior_rate) / (n_j + m)
-        s_g, n_g = s.sum(axis=(1, 2)), n.sum(axis=(1, 2))
-        p_g = (s_g + m * p_j) / (n_g + m)
-        s_gh, n_gh = s.sum(axis=2), n.sum(axis=2)
-        p_gh = (s_gh + m * p_g[:, None, :]) / (n_gh + m)
-        p = (s + m * p_gh[:, :, None, :]) / (n + m)
+        s, n = self._successes, self._trials
+        shape = (_NGRAM_BUCKETS, _HISTORY_STATES, _RATE_BUCKETS)
+        s0, n0 = s[:, 0].reshape(shape), n[:, 0].reshape(shape)
+        p_all = (s0.sum() + m * self.prior_rate) / (n0.sum() + m)
+        p_g = (s0.sum(axis=(1, 2)) + m * p_all) / (n0.sum(axis=(1, 2)) + m)
+        p_gh = (s0.sum(axis=2) + m * p_g[:, None]) / (n0.sum(axis=2) + m)
+        p = np.empty_like(s)
+        p[:, 0] = ((s0 + m * p_gh[:, :, None]) / (n0 + m)).ravel()
+        for j in range(1, _WIDTH):
+            p[:, j] = (s[:, j] + m * p[:, j - 1]) / (n[:, j] + m)
         bonus = self.exploration * np.sqrt(p * (1 - p) / (n + 1))
-        self._accept = np.clip(p + bonus, 0.0, 0.999).reshape(self._accept.shape)
+        self._accept = np.clip(p + bonus, 0.0, 0.999)
+        self._updates_since_refresh = 0
 
     # -- the protocol ----------------------------------------------------------------------------
     def _decide(self, context: StepContext) -> Decision:
@@ -250,7 +261,9 @@ class AdaptK(SpeculationController):
             st[0] = 3 if aa == dd else (2 if aa > 0 else 1)
             observed = aa / dd
             st[1] = observed if st[1] < 0 else (1 - self.rate_weight) * st[1] + self.rate_weight * observed
-        self._refresh_acceptance()
+        self._updates_since_refresh += 1
+        if self._updates_since_refresh >= _REFRESH_EVERY:
+            self._refresh_acceptance()
 
     def _end_sequence(self, seq_id: int) -> None:
         self._seqs.pop(seq_id, None)
