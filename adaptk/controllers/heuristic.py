@@ -1,10 +1,11 @@
-"""Acceptance heuristics: Hugging Face's +2/-1 schedule (and, later, GammaTune-like rules)."""
+"""Acceptance heuristics: Hugging Face's +2/-1 schedule and GammaTune-like smoothed lengths."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from adaptk.core import SpeculationController
+from adaptk.controllers.stopping import _ConfidenceTuning, _ThresholdStop
+from adaptk.core import SpeculationController, StopRule
 from adaptk.registry import register
 from adaptk.types import Decision, Feedback, StepContext
 
@@ -64,3 +65,128 @@ class HFHeuristic(SpeculationController):
 
     def _end_sequence(self, seq_id: int) -> None:
         self._k.pop(seq_id, None)
+
+
+@register("gammatune-like")
+class GammaTuneLike(SpeculationController):
+    """A smoothed acceptance-driven length, *in the spirit of* GammaTune (arXiv 2504.00030).
+
+    GammaTune's exact rule is not public (only its abstract: training-free, adjusts the length
+    from token acceptance with a heuristic switching mechanism). This is our reconstruction
+    [algorithms.md §3], not the paper's method, and makes no claim to its numbers. Per sequence::
+
+        full acceptance (a == k):  γ ← γ + delta_up
+        otherwise:                 γ ← η·γ + (1 − η)·(a + 1)
+        k = clip(round(γ), k_min, k_max)
+
+    ``γ`` itself is kept in ``[k_min, k_max]`` so a long run of successes does not take long to
+    undo. A round that drafted nothing carries no information and leaves ``γ`` unchanged. New
+    sequences start at ``initial_k``, or with ``carry_over`` at the mean ``γ`` of the last update
+    (the text's predictability is shared across requests more than it is not).
+
+    >>> from adaptk import StepContext, Feedback
+    >>> from adaptk.controllers.heuristic import GammaTuneLike
+    >>> c = GammaTuneLike(initial_k=4, delta_up=1.0, eta=0.5)
+    >>> c.decide(StepContext(step=0, seq_ids=[1], context_lens=[5], k_max=8)).num_draft_tokens
+    array([4])
+    >>> c.update(Feedback(seq_ids=[1], num_draft_tokens=[4], num_accepted_tokens=[4]))   # γ = 5
+    >>> c.update(Feedback(seq_ids=[1], num_draft_tokens=[5], num_accepted_tokens=[0]))   # γ = 3
+    >>> c.decide(StepContext(step=2, seq_ids=[1], context_lens=[13], k_max=8)).num_draft_tokens
+    array([3])
+    """
+
+    def __init__(
+        self,
+        initial_k: int = 4,
+        delta_up: float = 1.0,
+        eta: float = 0.5,
+        k_min: int = 1,
+        carry_over: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(k_min, bool) or not isinstance(k_min, (int, np.integer)) or k_min < 0:
+            raise ValueError(f"k_min must be a non-negative int, got {k_min!r}")
+        if isinstance(initial_k, bool) or not isinstance(initial_k, (int, np.integer)) or initial_k < k_min:
+            raise ValueError(f"initial_k must be an int >= k_min, got {initial_k!r}")
+        if not 0.0 <= eta < 1.0:
+            raise ValueError(f"eta must lie in [0, 1), got {eta!r}")
+        if delta_up < 0:
+            raise ValueError(f"delta_up must be >= 0, got {delta_up!r}")
+        self.initial_k = initial_k
+        self.delta_up = delta_up
+        self.eta = eta
+        self.k_min = k_min
+        self.carry_over = carry_over
+        self._gamma: dict[int, float] = {}
+        self._start: float = float(initial_k)
+
+    def _decide(self, context: StepContext) -> Decision:
+        ids = context.seq_ids.tolist()
+        start = self._start if self.carry_over else float(self.initial_k)
+        gammas = np.fromiter((self._gamma.setdefault(s, start) for s in ids), dtype=np.float64, count=len(ids))
+        k_min = min(self.k_min, context.k_max)
+        return Decision(np.clip(np.round(gammas), k_min, context.k_max).astype(np.int64))
+
+    def _update(self, feedback: Feedback) -> None:
+        drafted = feedback.num_draft_tokens > 0
+        if not drafted.any():
+            return
+        ids = feedback.seq_ids[drafted].tolist()
+        k = feedback.num_draft_tokens[drafted]
+        a = feedback.num_accepted_tokens[drafted]
+        get, start = self._gamma.get, self._start
+        gamma = np.fromiter((get(s, start) for s in ids), dtype=np.float64, count=len(ids))
+        gamma = np.where(a == k, gamma + self.delta_up, self.eta * gamma + (1.0 - self.eta) * (a + 1))
+        cap = max(self.k_min, self._k_max or 1)
+        gamma = np.clip(gamma, self.k_min, cap)
+        self._gamma.update(zip(ids, gamma.tolist()))
+        self._start = float(gamma.mean())
+
+    def _end_sequence(self, seq_id: int) -> None:
+        self._gamma.pop(seq_id, None)
+
+
+@register("gammatune-like+")
+class GammaTuneLikePlus(_ConfidenceTuning, GammaTuneLike):
+    """``gammatune-like`` plus the draft-confidence stop rule of §7 (our reconstruction of GammaTune+).
+
+    The length rule is :class:`GammaTuneLike`'s; inside a round the drafter stops when the draft's
+    top-1 probability falls below a threshold (start 0.4) that, with ``self_tuning``, is refitted
+    as in :class:`adaptk.controllers.stopping.Confidence` (HF's ROC rule, ``argmin(fpr + 3·fnr)``).
+    Not GammaTune+ itself: its rule is not public.
+    """
+
+    required_signals = frozenset({"draft_probs"})
+
+    def __init__(
+        self,
+        initial_k: int = 4,
+        delta_up: float = 1.0,
+        eta: float = 0.5,
+        k_min: int = 1,
+        carry_over: bool = True,
+        threshold: float = 0.4,
+        self_tuning: bool = True,
+        window: int = 4096,
+        refit_every: int = 50,
+        min_samples: int = 5,
+        fn_cost: float = 3.0,
+    ) -> None:
+        super().__init__(initial_k=initial_k, delta_up=delta_up, eta=eta, k_min=k_min, carry_over=carry_over)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {threshold!r}")
+        self.threshold = threshold
+        self.self_tuning = self_tuning
+        self.window = window
+        self.refit_every = refit_every
+        self.min_samples = min_samples
+        self.fn_cost = fn_cost
+        self._init_tuning(threshold)
+
+    @property
+    def stop_rule(self) -> StopRule:
+        return _ThresholdStop(self)
+
+    def _update(self, feedback: Feedback) -> None:
+        super()._update(feedback)
+        self._learn_confidence(feedback, feedback.draft_probs)
