@@ -96,7 +96,8 @@ class SpeculationController(ABC):
 
     def update(self, feedback: Feedback) -> None:
         """Learn from one verified step. Invalid feedback raises ``ValueError`` naming the field."""
-        feedback.validate(self._k_max)
+        # signals a controller (or its stop rule) does not read cannot corrupt it: skip their checks
+        feedback.validate(self._k_max, None if self.stop_rule is not None else self.required_signals)
         ids = feedback.seq_ids.tolist()
         if not self._live_seq_ids.issuperset(ids):
             unknown = sorted(set(ids) - self._live_seq_ids)

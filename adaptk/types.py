@@ -193,8 +193,12 @@ class Feedback:
         """Tokens each sequence gained this step (accepted drafts + the bonus token)."""
         return self.num_accepted_tokens + 1
 
-    def validate(self, k_max: int | None = None) -> None:
-        """Raise ``ValueError`` naming the first invalid field."""
+    def validate(self, k_max: int | None = None, signals: frozenset[str] | None = None) -> None:
+        """Raise ``ValueError`` naming the first invalid field.
+
+        ``signals`` limits which optional per-position signals are checked (``None``: all of them);
+        a controller only needs the ones it reads to be valid.
+        """
         n = len(self.seq_ids)
         for name in ("num_draft_tokens", "num_accepted_tokens"):
             if len(getattr(self, name)) != n:
@@ -218,7 +222,7 @@ class Feedback:
                 raise ValueError(f"{name} must be a finite non-negative number of seconds, got {value!r}")
         for name in ("draft_probs", "draft_entropies", "kl_divergences"):
             signal = getattr(self, name)
-            if signal is None:
+            if signal is None or (signals is not None and name not in signals):
                 continue
             if signal.shape[0] != n or signal.shape[1] < width:
                 raise ValueError(f"{name} has shape {signal.shape}, need ({n}, >= {width})")
@@ -228,9 +232,10 @@ class Feedback:
                 raise ValueError(f"{name} holds NaN/inf/negative values at drafted positions")
             if name == "draft_probs" and np.any(used > 1):
                 raise ValueError("draft_probs must lie in [0, 1]")
-        if (self.layer_matches is None) != (self.layer_compared is None):
+        check_layers = signals is None or "layer_agreement" in signals
+        if check_layers and (self.layer_matches is None) != (self.layer_compared is None):
             raise ValueError("layer_matches and layer_compared must be given together")
-        if self.layer_matches is not None:
+        if check_layers and self.layer_matches is not None:
             if self.layer_matches.shape != self.layer_compared.shape or self.layer_matches.shape[:1] != (n,):
                 raise ValueError("layer_matches/layer_compared must both have shape (num_seqs, num_layers)")
             if np.any(self.layer_matches < 0) or np.any(self.layer_matches > self.layer_compared):

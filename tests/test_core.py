@@ -112,7 +112,8 @@ def test_decision_out_of_range_names_the_controller():
     ],
 )
 def test_invalid_feedback_names_the_field(kwargs, field):
-    controller = adaptk.make("hf-heuristic")
+    # "confidence" reads draft_probs (through its stop rule), so those are validated too
+    controller = adaptk.make("confidence")
     controller.decide(ctx())
     base = {"seq_ids": [1, 2], "num_draft_tokens": [2, 2], "num_accepted_tokens": [1, 2],
             "draft_time_s": 0.0, "verify_time_s": 0.01}
@@ -139,6 +140,13 @@ def test_registry_make_and_errors():
     assert adaptk.from_spec('{"name": "fixed", "params": {"k": 2}}').k == 2
     with pytest.raises(ValueError, match="not valid JSON"):
         adaptk.from_spec("{oops")
+
+
+def test_signals_a_controller_does_not_read_are_not_checked():
+    controller = adaptk.make("hf-heuristic")
+    controller.decide(ctx())
+    controller.update(Feedback(seq_ids=[1, 2], num_draft_tokens=[2, 2], num_accepted_tokens=[1, 2],
+                               draft_probs=[[0.5, 1.5], [0.1, 0.2]]))
 
 
 def test_state_round_trip_is_json_and_exact():

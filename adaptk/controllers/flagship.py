@@ -105,14 +105,21 @@ class AdaptK(SpeculationController):
         cells = _NGRAM_BUCKETS * _HISTORY_STATES * _RATE_BUCKETS
         self._successes = np.zeros((cells, _WIDTH))
         self._trials = np.zeros((cells, _WIDTH))
-        self._accept = np.full((cells, _WIDTH), prior_rate)  # optimistic posterior means, per cell
+        self._accept = np.full((cells, _WIDTH), prior_rate)  # smoothed, optimistic estimates per cell
         self._layer_matches: np.ndarray | None = None  # decayed shadow agreement per layer (early exit)
         self._layer_compared: np.ndarray | None = None
-        self._seqs: dict[int, list[float]] = {}  # seq_id -> [history state, own rate, last cell]
+        # per-sequence state lives in slots so a step touches it with a few vectorised operations
+        self._slot_of: dict[int, int] = {}
+        self._free_slots: list[int] = []
+        self._history = np.zeros(0, dtype=np.int64)  # 0 new, 1 rejected at once, 2 partial, 3 full
+        self._own_rate = np.zeros(0)  # EWMA of accepted / drafted, -1 = unknown
+        self._last_cell = np.zeros(0, dtype=np.int64)
+        self._last_context = np.zeros(0, dtype=np.int64)
         self._cost: Any = None
         self._drafter: str | None = None
-        self._last_context_lens: dict[int, int] = {}
         self._updates_since_refresh = 0
+        self._cost_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._cost_observations = 0
 
     # -- cost model ------------------------------------------------------------------------------
     def _cost_model(self, context: StepContext) -> Any:
@@ -129,10 +136,17 @@ class AdaptK(SpeculationController):
         from adaptk.estimators.latency import OnlineLatency, get_latency_model
 
         self._drafter = drafter
-        if self.latency is None or self.latency == "online":
+        if self._online:
             self._cost = OnlineLatency()
         else:
             self._cost = get_latency_model(self.latency, drafter=drafter)
+
+    def _state_attrs(self) -> list[str]:
+        return [a for a in super()._state_attrs() if a != "_cost_cache"]  # a cache, rebuilt on demand
+
+    @property
+    def _online(self) -> bool:
+        return self.latency is None or self.latency == "online"
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # the cost model must exist before its learned state can be loaded into it
@@ -141,33 +155,72 @@ class AdaptK(SpeculationController):
             self._init_cost(drafter)
         super().load_state_dict(state)
 
-    def _candidate_costs(self, batch: int, lengths: np.ndarray, context_lens: np.ndarray,
-                         exit_layer: int | None) -> np.ndarray:
-        """Step seconds for each candidate column of ``lengths`` (batch, candidates)."""
+    def _cost_tables(self, batch: int, context_lens: np.ndarray, exit_layer: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """``(verify, draft)`` seconds: verify by candidate index, draft by longest draft.
+
+        Padded engines: verify is indexed by the longest draft ``K`` (every row verifies ``K+1``).
+        Packed engines: by the extra tokens ``Σ k_i``. Tables are cached per batch size and
+        context bucket (10% steps), and rebuilt as an online cost model learns.
+        """
         cost = self._cost
         ctx_sum = float(context_lens.sum())
         ctx_max = float(context_lens.max())
-        forwards = lengths.max(axis=0).astype(np.float64)
-        if cost.ragged == "padded":
-            n = forwards + 1.0
-            total = n * batch
-        else:
-            total = (lengths + 1).sum(axis=0).astype(np.float64)
-            n = total / batch
-        return cost._verify(batch, n, total, ctx_sum, ctx_max) + cost._draft(batch, forwards, ctx_sum, exit_layer)
+        version = self._cost_observations // 16 if self._online else 0
+        key = (batch, int(np.log(ctx_sum + 1) * 10), int(np.log(ctx_max + 1) * 10), exit_layer, version)
+        tables = self._cost_cache.get(key)
+        if tables is None:
+            if len(self._cost_cache) > 256:
+                self._cost_cache.clear()
+            forwards = np.arange(_WIDTH + 1, dtype=np.float64)
+            if cost.ragged == "padded":
+                n = forwards + 1.0
+                verify = cost._verify(batch, n, n * batch, ctx_sum, ctx_max)
+            else:
+                total = batch + np.arange(batch * _WIDTH + 1, dtype=np.float64)
+                verify = cost._verify(batch, total / batch, total, ctx_sum, ctx_max)
+            draft = cost._draft(batch, forwards, ctx_sum, exit_layer)
+            tables = (verify, draft)
+            self._cost_cache[key] = tables
+        return tables
+
+    def _candidate_costs(self, batch: int, lengths: np.ndarray, context_lens: np.ndarray,
+                         exit_layer: int | None) -> np.ndarray:
+        """Step seconds for each candidate column of ``lengths`` (batch, candidates)."""
+        verify, draft = self._cost_tables(batch, context_lens, exit_layer)
+        longest = lengths.max(axis=0)
+        index = longest if self._cost.ragged == "padded" else lengths.sum(axis=0)
+        return verify[index] + draft[longest]
 
     # -- acceptance ------------------------------------------------------------------------------
-    def _features(self, context: StepContext) -> np.ndarray:
+    def _slots(self, seq_ids: list[int]) -> np.ndarray:
+        """Slot index per sequence, allocating slots for new sequences."""
+        slot_of = self._slot_of
+        for seq_id in seq_ids:
+            if seq_id not in slot_of:
+                if self._free_slots:
+                    slot = self._free_slots.pop()
+                else:
+                    slot = len(self._history)
+                    grow = max(8, slot)
+                    self._history = np.concatenate([self._history, np.zeros(grow, dtype=np.int64)])
+                    self._own_rate = np.concatenate([self._own_rate, np.zeros(grow)])
+                    self._last_cell = np.concatenate([self._last_cell, np.zeros(grow, dtype=np.int64)])
+                    self._last_context = np.concatenate([self._last_context, np.zeros(grow, dtype=np.int64)])
+                    self._free_slots.extend(range(slot + grow - 1, slot, -1))
+                slot_of[seq_id] = slot
+                self._history[slot] = 0
+                self._own_rate[slot] = -1.0
+        return np.fromiter(map(slot_of.__getitem__, seq_ids), dtype=np.int64, count=len(seq_ids))
+
+    def _features(self, context: StepContext, slots: np.ndarray) -> np.ndarray:
         """Cell index per sequence from (n-gram hint, last round, own rate)."""
         if context.match_ngram_lens is not None:
             ngram = np.minimum(context.match_ngram_lens, 3)
         else:
-            ngram = np.full(len(context.seq_ids), 4)
-        states = [self._seqs.get(s) for s in context.seq_ids.tolist()]
-        history = np.array([0 if st is None else st[0] for st in states], dtype=np.int64)
-        rate = np.array([-1.0 if st is None else st[1] for st in states])
+            ngram = np.full(len(slots), 4)
+        rate = self._own_rate[slots]
         rate_bucket = np.where(rate < 0, 0, np.where(rate < 0.25, 1, np.where(rate < 0.6, 2, 3)))
-        return (ngram * _HISTORY_STATES + history) * _RATE_BUCKETS + rate_bucket
+        return (ngram * _HISTORY_STATES + self._history[slots]) * _RATE_BUCKETS + rate_bucket
 
     def _refresh_acceptance(self) -> None:
         """Posterior means with backoff, plus the optimism bonus.
@@ -186,8 +239,10 @@ class AdaptK(SpeculationController):
         p_gh = (s0.sum(axis=2) + m * p_g[:, None]) / (n0.sum(axis=2) + m)
         p = np.empty_like(s)
         p[:, 0] = ((s0 + m * p_gh[:, :, None]) / (n0 + m)).ravel()
-        for j in range(1, _WIDTH):
+        used = min(_WIDTH, (self._k_max or _WIDTH) + 1)
+        for j in range(1, used):
             p[:, j] = (s[:, j] + m * p[:, j - 1]) / (n[:, j] + m)
+        p[:, used:] = p[:, used - 1 : used]
         bonus = self.exploration * np.sqrt(p * (1 - p) / (n + 1))
         self._accept = np.clip(p + bonus, 0.0, 0.999)
         self._updates_since_refresh = 0
@@ -196,10 +251,12 @@ class AdaptK(SpeculationController):
     def _decide(self, context: StepContext) -> Decision:
         batch = len(context.seq_ids)
         width = min(context.k_max, _WIDTH)
+        slots = self._slots(context.seq_ids.tolist())
         if batch == 0 or width == 0:
+            self._last_cell[slots] = 0
             return Decision(np.zeros(batch, dtype=np.int64))
         self._cost_model(context)
-        cells = self._features(context)
+        cells = self._features(context, slots)
         cap = np.full(batch, width) if context.draft_available is None else np.minimum(context.draft_available, width)
         layers: tuple[int | None, ...] = context.exit_layers or (None,)
         best_value, best_lengths, best_layer = -np.inf, np.zeros(batch, dtype=np.int64), None
@@ -215,29 +272,25 @@ class AdaptK(SpeculationController):
             uniform = np.minimum(np.arange(width + 1)[None, :], cap[:, None])
             thresholded = np.minimum((survival[:, :, None] >= _THRESHOLDS[None, None, :]).sum(axis=1), cap[:, None])
             lengths = np.concatenate([uniform, thresholded], axis=1)
-            gain = np.take_along_axis(expected, lengths, axis=1).sum(axis=0)
+            gain = expected[np.arange(batch)[:, None], lengths].sum(axis=0)
             value = gain / self._candidate_costs(batch, lengths, context.context_lens, layer)
             value[0] *= 1.0 + 1e-9  # ties go to plain decoding
             i = int(np.argmax(value))
             if value[i] > best_value:
                 best_value, best_lengths, best_layer = value[i], lengths[:, i], layer
-        for seq_id, cell in zip(context.seq_ids.tolist(), cells.tolist()):
-            state = self._seqs.get(seq_id)
-            if state is None:
-                self._seqs[seq_id] = [0, -1.0, cell]
-            else:
-                state[2] = cell
-        for seq_id, length in zip(context.seq_ids.tolist(), context.context_lens.tolist()):
-            self._last_context_lens[seq_id] = length
+        self._last_cell[slots] = cells
+        self._last_context[slots] = context.context_lens
         return Decision(best_lengths.astype(np.int64), exit_layer=best_layer)
 
     def _update(self, feedback: Feedback) -> None:
         drafted, accepted = feedback.num_draft_tokens, feedback.num_accepted_tokens
-        if self._cost is not None:
-            lens = [self._last_context_lens.get(s, 0) for s in feedback.seq_ids.tolist()]
-            if len(lens) and feedback.verify_time_s > 0:
-                self._cost.observe(len(lens), np.minimum(drafted, _WIDTH - 1), lens, feedback.draft_time_s,
-                                   feedback.verify_time_s, feedback.exit_layer)
+        slots = np.fromiter(map(self._slot_of.__getitem__, feedback.seq_ids.tolist()), dtype=np.int64,
+                            count=len(feedback.seq_ids))
+        if self._cost is not None and len(slots) and feedback.verify_time_s > 0:
+            if self._online:
+                self._cost.observe(len(slots), np.minimum(drafted, _WIDTH), self._last_context[slots],
+                                   feedback.draft_time_s, feedback.verify_time_s, feedback.exit_layer)
+            self._cost_observations += 1
         self._successes *= self.decay
         self._trials *= self.decay
         if feedback.layer_matches is not None:
@@ -249,22 +302,24 @@ class AdaptK(SpeculationController):
         rounds = drafted > 0
         if not rounds.any():
             return
+        slots = slots[rounds]
+        d = np.minimum(drafted[rounds], _WIDTH)
+        a = accepted[rounds]
         positions = np.arange(_WIDTH)[None, :]
-        d, a = np.minimum(drafted[rounds], _WIDTH)[:, None], accepted[rounds][:, None]
-        trials = (positions < d) & (positions <= a)  # position j was drafted and reached
-        successes = positions < a
-        states = [self._seqs[s] for s in feedback.seq_ids[rounds].tolist()]
-        cells = np.array([int(st[2]) for st in states], dtype=np.int64)
-        np.add.at(self._trials, cells, trials)
-        np.add.at(self._successes, cells, successes)
-        for st, dd, aa in zip(states, drafted[rounds].tolist(), accepted[rounds].tolist()):
-            st[0] = 3 if aa == dd else (2 if aa > 0 else 1)
-            observed = aa / dd
-            st[1] = observed if st[1] < 0 else (1 - self.rate_weight) * st[1] + self.rate_weight * observed
+        trials = (positions < d[:, None]) & (positions <= a[:, None])  # position j was drafted and reached
+        flat = (self._last_cell[slots] * _WIDTH)[:, None] + positions
+        size = self._trials.size
+        self._trials += np.bincount(flat[trials], minlength=size).reshape(self._trials.shape)
+        self._successes += np.bincount(flat[positions < a[:, None]], minlength=size).reshape(self._trials.shape)
+        self._history[slots] = np.where(a == d, 3, np.where(a > 0, 2, 1))
+        observed = a / d
+        old = self._own_rate[slots]
+        self._own_rate[slots] = np.where(old < 0, observed, (1 - self.rate_weight) * old + self.rate_weight * observed)
         self._updates_since_refresh += 1
         if self._updates_since_refresh >= _REFRESH_EVERY:
             self._refresh_acceptance()
 
     def _end_sequence(self, seq_id: int) -> None:
-        self._seqs.pop(seq_id, None)
-        self._last_context_lens.pop(seq_id, None)
+        slot = self._slot_of.pop(seq_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)

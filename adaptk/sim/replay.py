@@ -36,6 +36,7 @@ class ReplayResult:
     batch_size: int
     num_requests: int
     num_steps: int
+    num_sequence_steps: int
     num_tokens: int
     total_time_s: float
     token_goodput: float
@@ -278,6 +279,7 @@ def replay(
         batch_size=int(batch_size),
         num_requests=num_requests,
         num_steps=num_steps,
+        num_sequence_steps=seq_steps,
         num_tokens=num_tokens,
         total_time_s=now,
         token_goodput=num_tokens / now if now > 0 else math.inf,
