@@ -57,7 +57,7 @@ class HFHeuristic(SpeculationController):
     def _update(self, feedback: Feedback) -> None:
         cap = max(1, self._k_max or 1)
         full = feedback.num_accepted_tokens == feedback.num_draft_tokens
-        for seq_id, all_accepted in zip(feedback.seq_ids.tolist(), full.tolist()):
+        for seq_id, all_accepted in zip(feedback.seq_ids.tolist(), full.tolist(), strict=True):
             k = self._k.get(seq_id, self.initial_k)
             k = min(k + 2, cap) if all_accepted else max(1, k - 1)
             self._k[seq_id] = k
@@ -139,7 +139,7 @@ class GammaTuneLike(SpeculationController):
         gamma = np.where(a == k, gamma + self.delta_up, self.eta * gamma + (1.0 - self.eta) * (a + 1))
         cap = max(self.k_min, self._k_max or 1)
         gamma = np.clip(gamma, self.k_min, cap)
-        self._gamma.update(zip(ids, gamma.tolist()))
+        self._gamma.update(zip(ids, gamma.tolist(), strict=True))
         self._start = float(gamma.mean())
 
     def _end_sequence(self, seq_id: int) -> None:

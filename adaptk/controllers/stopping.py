@@ -300,8 +300,8 @@ class AdaEDL(_CappedLength):
         lam_prime = np.where(ar < self.target, lam + self.epsilon,
                              np.where((ar > self.target) & full_at_cap, lam - self.epsilon, lam))
         lam = self.beta2 * lam + (1.0 - self.beta2) * lam_prime
-        self._ar_ema.update(zip(ids, ar.tolist()))
-        self._lambda.update(zip(ids, lam.tolist()))
+        self._ar_ema.update(zip(ids, ar.tolist(), strict=True))
+        self._lambda.update(zip(ids, lam.tolist(), strict=True))
 
     def _end_sequence(self, seq_id: int) -> None:
         self._lambda.pop(seq_id, None)
@@ -333,7 +333,7 @@ class _RiskStop(StopRule):
         else:
             get = owner._survival.get
             survival = np.fromiter((get(s, 1.0) for s in ids), dtype=np.float64, count=len(ids)) * p_accept
-        owner._survival.update(zip(ids, survival.tolist()))
+        owner._survival.update(zip(ids, survival.tolist(), strict=True))
         return (1.0 - survival > owner.threshold) & (position + 1 >= owner.min_k)
 
 
