@@ -72,7 +72,7 @@ def bench(
     from rich.table import Table
 
     from adaptk.bench import report
-    from adaptk.bench.runner import SUITES, run_bench, summarize
+    from adaptk.bench.runner import SUITES, prepare, run_bench, summarize
 
     command = "adaptk " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if suite not in SUITES:
@@ -103,16 +103,19 @@ def bench(
             _fail(str(exc))
     elif engine == "replay":
         chosen = SUITES[suite]
+        try:
+            prepared = prepare(specs, chosen, trace_paths=traces or None, profiles=tuple(_split(profiles)) or None)
+        except ValueError as exc:  # unknown profile, unreadable trace file, bad parameters
+            _fail(str(exc).splitlines()[0])
         with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=False) as bar:
             task = bar.add_task(suite, total=None)
             try:
                 rows = run_bench(
-                    specs, chosen, trace_paths=traces or None,
-                    profiles=tuple(_split(profiles)) or None, batch_sizes=sizes, workers=workers,
+                    specs, chosen, batch_sizes=sizes, workers=workers, prepared=prepared,
                     progress=lambda done, total: bar.update(task, completed=done, total=total),
                 )
-            except ValueError as exc:  # unknown profile, unreadable trace file, bad parameters
+            except ValueError as exc:
                 _fail(str(exc).splitlines()[0])
     else:
         _fail(f"unknown engine {engine!r}; choose replay or reference")

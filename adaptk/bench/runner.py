@@ -148,6 +148,31 @@ def _run_cell(task: tuple[str, str, int, list[Any], int]) -> list[dict[str, Any]
     return rows
 
 
+def prepare(
+    specs: list[str | dict[str, Any]],
+    suite: Suite,
+    trace_paths: list[Path] | None = None,
+    profiles: tuple[str, ...] | None = None,
+) -> tuple[dict[str, Workload], tuple[str, ...]]:
+    """Check every input before any work: controller specs, trace files, cost profiles.
+
+    Raises ``ValueError`` (or :class:`~adaptk.sim.trace.TraceFormatError`) naming what is wrong.
+    """
+    from adaptk.estimators.latency import get_latency_model
+
+    profiles = profiles or suite.profiles
+    for spec in specs:
+        build_controller(spec, profiles[0])
+    trace_paths = list(trace_paths or bundled_trace_paths().values())
+    if not trace_paths:
+        raise ValueError("no trace files given and none bundled")
+    workloads = load_workloads(trace_paths, suite)
+    for profile in profiles:
+        for drafter in {w.traces.drafter for w in workloads.values()}:
+            get_latency_model(profile, drafter=drafter)
+    return workloads, profiles
+
+
 def run_bench(
     specs: list[str | dict[str, Any]],
     suite: Suite,
@@ -156,21 +181,14 @@ def run_bench(
     batch_sizes: tuple[int, ...] | None = None,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    prepared: tuple[dict[str, Workload], tuple[str, ...]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Replay every controller on every (workload, batch size, cost profile) cell; return rows."""
-    from adaptk.estimators.latency import get_latency_model
+    """Replay every controller on every (workload, batch size, cost profile) cell; return rows.
 
-    for spec in specs:  # fail fast, before any work, on unknown names or parameters
-        build_controller(spec, (profiles or suite.profiles)[0])
-    trace_paths = list(trace_paths or bundled_trace_paths().values())
-    if not trace_paths:
-        raise ValueError("no trace files given and none bundled")
-    workloads = load_workloads(trace_paths, suite)
-    profiles = profiles or suite.profiles
+    ``prepared`` is what :func:`prepare` returned, when the caller already checked the inputs.
+    """
+    workloads, profiles = prepared or prepare(specs, suite, trace_paths, profiles)
     batch_sizes = batch_sizes or suite.batch_sizes
-    for profile in profiles:
-        for drafter in {w.traces.drafter for w in workloads.values()}:
-            get_latency_model(profile, drafter=drafter)
     _WORKLOADS.clear()
     _WORKLOADS.update(workloads)
     # biggest cells first so the pool's tail is short
