@@ -36,10 +36,12 @@ class Suite:
     traces_per_task: int | None = None  # None = all bundled traces
     requests_per_slot: int = 4  # num_requests = max(len(traces), requests_per_slot * batch_size)
     profiles: tuple[str, ...] = DEFAULT_PROFILES
+    fixed_ks: tuple[int, ...] | None = None  # draft lengths the best-fixed oracle tries (None: 0..k_max)
 
 
 SUITES = {
-    "quick": Suite("quick", per_task_workloads=False, traces_per_task=4, requests_per_slot=2),
+    "quick": Suite("quick", per_task_workloads=False, traces_per_task=3, requests_per_slot=2,
+                   fixed_ks=(0, 1, 2, 3, 4, 6, 8, 12, 16)),
     "standard": Suite("standard"),
 }
 
@@ -72,18 +74,25 @@ def load_workloads(trace_paths: list[Path], suite: Suite) -> dict[str, Workload]
     return workloads
 
 
-def build_controller(spec: str | dict[str, Any], cost_profile: str) -> SpeculationController:
+def build_controller(spec: str | dict[str, Any], cost_profile: str, drafter: str | None = None,
+                     exit_layer: int | None = None) -> SpeculationController:
     """Build from a registry spec; a controller that takes ``latency`` gets the cell's profile.
 
-    That is the simulated counterpart of a profiling phase on the real hardware; controllers that
-    learn costs online take no ``latency`` parameter and start from nothing.
+    That is the simulated counterpart of a profiling phase on the real hardware: the controller
+    receives ``{"name": profile, "drafter": ..., "exit_layer": ...}`` (JSON data, like every
+    parameter). Controllers that learn costs online take no ``latency`` parameter.
     """
     if isinstance(spec, str):
         spec = {"name": spec, "params": {}}
     cls = registry.get_class(spec["name"])
     params = dict(spec.get("params", {}))
     if "latency" in cls._param_names() and params.get("latency") is None:
-        params["latency"] = cost_profile
+        latency: dict[str, Any] = {"name": cost_profile}
+        if drafter is not None:
+            latency["drafter"] = drafter
+        if exit_layer is not None:
+            latency["exit_layer"] = exit_layer
+        params["latency"] = latency
     return registry.make(spec["name"], **params)
 
 
@@ -99,17 +108,20 @@ def spec_label(spec: str | dict[str, Any]) -> str:
 _WORKLOADS: dict[str, Workload] = {}
 
 
-def _run_cell(task: tuple[str, str, int, list[Any], int]) -> list[dict[str, Any]]:
+def _run_cell(task: tuple[str, str, int, list[Any], Suite]) -> list[dict[str, Any]]:
     from adaptk.estimators.latency import get_latency_model
 
-    workload_name, profile, batch_size, specs, requests_per_slot = task
+    workload_name, profile, batch_size, specs, suite = task
+    requests_per_slot = suite.requests_per_slot
     work = _WORKLOADS[workload_name]
     drafter = work.traces.drafter
-    latency = get_latency_model(profile, drafter=drafter)
+    default_layer = work.exit_layers[-1] if work.exit_layers else None
+    latency = get_latency_model(profile, drafter=drafter, **({"exit_layer": default_layer} if default_layer else {}))
     num_requests = max(len(work), requests_per_slot * batch_size)
     common = {"workload": workload_name, "drafter": drafter, "batch_size": batch_size, "cost_profile": profile,
               "engine": "replay", "num_requests": num_requests}
-    k_best, layer_best, best, fixed_results = best_fixed(work, latency, batch_size, num_requests=num_requests)
+    ks = None if suite.fixed_ks is None else [k for k in suite.fixed_ks if k <= work.k_max]
+    k_best, layer_best, best, fixed_results = best_fixed(work, latency, batch_size, ks=ks, num_requests=num_requests)
     plain = fixed_results[(0, layer_best if work.exit_layers else None)].token_goodput
     oracle = clairvoyant_batch1(work, latency) if batch_size == 1 else None
     limit = oracle.token_goodput if oracle else None
@@ -134,7 +146,7 @@ def _run_cell(task: tuple[str, str, int, list[Any], int]) -> list[dict[str, Any]
 
     rows = []
     for spec in specs:
-        controller = build_controller(spec, profile)
+        controller = build_controller(spec, profile, drafter, default_layer)
         started = time.perf_counter()
         result = replay(controller, work, latency, batch_size, num_requests=num_requests)
         rows.append(row(spec_label(spec), result.as_dict(), result.token_goodput,
@@ -192,7 +204,7 @@ def run_bench(
     _WORKLOADS.clear()
     _WORKLOADS.update(workloads)
     # biggest cells first so the pool's tail is short
-    tasks = [(w, p, b, list(specs), suite.requests_per_slot) for w in workloads for p in profiles for b in batch_sizes]
+    tasks = [(w, p, b, list(specs), suite) for w in workloads for p in profiles for b in batch_sizes]
     tasks.sort(key=lambda t: -len(workloads[t[0]]) * max(1, 8 // t[2]))
     workers = workers or min(len(tasks), os.cpu_count() or 1)
     rows: list[dict[str, Any]] = []

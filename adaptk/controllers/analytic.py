@@ -54,9 +54,9 @@ def _check_int(value: Any, name: str, low: int) -> None:
 
 
 def _check_latency(latency: Any) -> None:
-    if latency is not None and not isinstance(latency, (str, Path, LatencyModel)):
+    if latency is not None and not isinstance(latency, (str, Path, dict, LatencyModel)):
         raise ValueError(
-            f"latency must be a profile/preset name, a JSON path, a LatencyModel or None, got {type(latency).__name__}"
+            f"latency must be a profile/preset name, a JSON path, a spec dict, a LatencyModel or None, got {type(latency).__name__}"
         )
 
 

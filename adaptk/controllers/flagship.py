@@ -51,7 +51,9 @@ class AdaptK(SpeculationController):
     Parameters
     ----------
     latency
-        Cost profile / preset name or JSON path; ``None`` learns costs online.
+        Cost profile / preset name, JSON path, or a spec dict for
+        :func:`~adaptk.estimators.latency.get_latency_model`; ``None`` or ``"online"`` learns
+        costs online from step timings.
     decay
         Per-step decay of the acceptance counts (``0.998`` ≈ a 500-step memory).
     prior_rate
@@ -82,7 +84,7 @@ class AdaptK(SpeculationController):
 
     def __init__(
         self,
-        latency: str | None = None,
+        latency: str | dict | None = None,
         decay: float = 0.998,
         prior_rate: float = 0.5,
         prior_strength: float = 4.0,
@@ -138,6 +140,8 @@ class AdaptK(SpeculationController):
         self._drafter = drafter
         if self._online:
             self._cost = OnlineLatency()
+        elif isinstance(self.latency, dict):
+            self._cost = get_latency_model(self.latency)
         else:
             self._cost = get_latency_model(self.latency, drafter=drafter)
 

@@ -1021,7 +1021,7 @@ class RooflineLatency(LatencyModel):
 # ---------------------------------------------------------------------------------------------
 # 5. one lookup
 # ---------------------------------------------------------------------------------------------
-def get_latency_model(name_or_path: str | Path, drafter: str | None = None, **kwargs: Any) -> LatencyModel:
+def get_latency_model(name_or_path: str | Path | dict, drafter: str | None = None, **kwargs: Any) -> LatencyModel:
     """A latency model from a bundled profile name, a preset name, or a JSON file path.
 
     JSON files are read by their ``format``: ``"adaptk-profile"`` (:class:`ProfileLatency`) or
@@ -1037,6 +1037,12 @@ def get_latency_model(name_or_path: str | Path, drafter: str | None = None, **kw
     """
     from adaptk.estimators.presets import PRESETS
 
+    if isinstance(name_or_path, dict):  # a JSON-safe spec: {"name": ..., "drafter": ..., "exit_layer": ...}
+        spec = dict(name_or_path)
+        if "name" not in spec:
+            raise ValueError(f"latency model spec {name_or_path!r} has no 'name'")
+        name_or_path = spec.pop("name")
+        kwargs = {**spec, **kwargs}
     if drafter is not None:
         kwargs["drafter"] = drafter
     name = str(name_or_path)

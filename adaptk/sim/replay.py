@@ -133,7 +133,7 @@ def replay(
         ``max(len(traces), 4 * batch_size)`` so that most steps run at the full batch.
     exit_layer
         Variant used when the controller does not choose an exit layer (early-exit traces); the
-        first recorded variant by default.
+        deepest recorded exit layer by default.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -149,7 +149,9 @@ def replay(
         arrivals = np.zeros(num_requests)
     else:
         arrivals = np.cumsum(np.random.default_rng(seed + 1).exponential(1.0 / arrival_rate, num_requests))
-    default_variant = work.variant(exit_layer if exit_layer is not None else (work.exit_layers or (None,))[0])
+    # without a choice from the controller, draft from the deepest recorded exit layer (the most
+    # accurate drafter of the set)
+    default_variant = work.variant(exit_layer if exit_layer is not None else (work.exit_layers or (None,))[-1])
     want = set(controller.required_signals)
     stop_rule = controller.stop_rule
     k_max = work.k_max
@@ -208,6 +210,7 @@ def replay(
         )
         decision = controller.decide(context)
         variant = default_variant if decision.exit_layer is None else work.variant(decision.exit_layer)
+        cost_layer = work.traces.variants[variant]
         drafted = decision.num_draft_tokens
         if work.draft_avail is not None:
             drafted = np.minimum(drafted, work.draft_avail[variant, flat])
@@ -228,7 +231,7 @@ def replay(
             width = int(drafted.max())
         accepted = np.minimum(np.minimum(drafted, work.match_len[variant, flat]), n_out - 1 - pos)
 
-        draft_s, verify_s = latency.predict_components(len(req), drafted, context_lens, decision.exit_layer)
+        draft_s, verify_s = latency.predict_components(len(req), drafted, context_lens, cost_layer)
         now += draft_s + verify_s
 
         signals: dict[str, Any] = {}
