@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,8 @@ def plot_goodput(rows: list[dict[str, Any]], out_dir: Path, max_controllers: int
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        path = out_dir / f"goodput_{profile}_{workload.replace('/', '_')}.png"
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{Path(profile).name.removesuffix('.json')}_{workload}")
+        path = out_dir / f"goodput_{slug}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

@@ -36,7 +36,10 @@ class AdaptK(SpeculationController):
       features known before drafting: the drafter's hint (for prompt lookup, the matched n-gram
       length), the sequence's last round (rejected at once / partial / fully accepted) and the
       sequence's own acceptance rate. Sparse cells back off to coarser ones (hierarchical
-      smoothing), and a small optimism bonus on uncertain cells is the exploration. For early-exit
+      smoothing); a position not tried yet inherits the estimate of the position before it, which
+      is the exploration: where the first positions are accepted, longer drafts get tried and
+      measured, where they are not, nothing is spent (an optional UCB-style bonus on uncertain
+      cells, ``exploration``, is off by default: on the bundled traces it only cost). For early-exit
       drafting the per-layer shadow agreement in ``Feedback.layer_matches`` gives every layer's
       acceptance each step, so the exit layer is chosen without trying each one.
     * **Cost** comes from the latency model: a profile or preset when ``latency`` names one (what
@@ -88,7 +91,7 @@ class AdaptK(SpeculationController):
         decay: float = 0.998,
         prior_rate: float = 0.5,
         prior_strength: float = 4.0,
-        exploration: float = 0.3,
+        exploration: float = 0.0,
         rate_weight: float = 0.3,
     ) -> None:
         super().__init__()
