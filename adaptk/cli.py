@@ -148,9 +148,10 @@ def list_controllers() -> None:
             typer.echo(f"{'':24s} {doc}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def record(ctx: typer.Context) -> None:
-    """Record exact greedy traces from a real model (needs the [hf] extra). See `adaptk record --help`."""
+    """Record exact greedy traces from a real model (needs the hf extra); `adaptk record --help` for options."""
     try:
         from adaptk.record import record_main
     except ImportError as exc:
