@@ -53,8 +53,10 @@ def _predicted(traces, prompt_ids, max_new_tokens, spec, drafter, batch_size):
         cut.append(Trace(t.prompt_id, t.category, t.prompt_len, match, layer_agree=agree, **fields))
     subset = TraceSet(cut, traces.drafter, traces.k_max, list(traces.variants), traces.num_layers, traces.model,
                       dict(traces.meta))
-    latency = get_latency_model(LATENCY_PROFILE, drafter=drafter)
-    result = replay(build_controller(spec, LATENCY_PROFILE), subset, latency, batch_size, num_requests=len(cut))
+    layer = traces.variants[-1]
+    latency = get_latency_model(LATENCY_PROFILE, drafter=drafter, **({"exit_layer": layer} if layer else {}))
+    controller = build_controller(spec, LATENCY_PROFILE, drafter, layer)
+    result = replay(controller, subset, latency, batch_size, num_requests=len(cut))
     return result
 
 
@@ -112,7 +114,8 @@ def run_reference_bench(
     for batch_size in batch_sizes:
         plain_goodput = None
         for spec in specs:
-            controller = build_controller(spec, LATENCY_PROFILE)
+            layer = traces.variants[-1] if traces is not None else None
+            controller = build_controller(spec, LATENCY_PROFILE, drafter, layer)
             decoder = SpeculativeDecoder(target, drafter=make_drafter(), controller=controller, k_max=cfg["k_max"])
             started = time.perf_counter()
             result = decoder.generate(ids, max_new_tokens=cfg["max_new_tokens"], concurrency=batch_size)
