@@ -99,5 +99,7 @@ def test_controllers_lists_every_registered_controller():
 
     result = run("controllers")
     assert result.returncode == 0
-    for name in adaptk.available():
+    built_in = [n for n in adaptk.available() if adaptk.get_class(n).__module__.startswith("adaptk.controllers")]
+    assert len(built_in) >= 20
+    for name in built_in:  # other test modules may register test-only controllers in this process
         assert name in result.stdout

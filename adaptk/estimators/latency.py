@@ -597,6 +597,9 @@ class RegressionLatency(LatencyModel):
         xv, yv, xd, yd = self._features(self._samples)
         rng = np.random.default_rng(self.seed)
         self.verify_fit = _prepare(_fit_by_r2(xv, yv, rng, self.holdout))
+        # a quadratic can dip to zero or below outside the profiled points; no verify pass is
+        # faster than half the fastest one measured
+        self.verify_fit["floor"] = 0.5 * float(np.min(yv))
         self.draft_fit = _prepare(_fit_by_r2(xd, yd, rng, self.holdout)) if len(yd) else None
         self._since_fit = 0
 
@@ -611,7 +614,7 @@ class RegressionLatency(LatencyModel):
         x[:, 0] = batch
         x[:, 1] = total
         x[:, 2] = ctx_sum
-        return np.maximum(_eval_fit(fit, x), 0.0)
+        return np.maximum(_eval_fit(fit, x), fit.get("floor", 0.0))
 
     def _draft(self, rows: int, forwards: np.ndarray, ctx_sum: float, exit_layer: int | None) -> np.ndarray:
         fit = self.draft_fit
