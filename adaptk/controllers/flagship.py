@@ -16,6 +16,10 @@ _WIDTH = 32  # positions tracked per round; k_max beyond this is clipped
 _NGRAM_BUCKETS = 5  # matched suffix length 0, 1, 2, 3+, and "no hint"
 _HISTORY_STATES = 4  # new, last round rejected at once, partially accepted, fully accepted
 _RATE_BUCKETS = 4  # unknown, < 0.25, < 0.6, >= 0.6
+# Probing: after this many steps without drafting, draft one token to refresh the estimates
+# (the interval doubles after every probe, up to _PROBE_MAX, and resets once drafting pays again).
+_PROBE_START = 8
+_PROBE_MAX = 1024
 # The smoothed table is rebuilt every few updates: per-sequence features react at once, the
 # pooled estimates need not, and the rebuild is most of an update's cost.
 _REFRESH_EVERY = 4
@@ -125,6 +129,8 @@ class AdaptK(SpeculationController):
         self._updates_since_refresh = 0
         self._cost_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._cost_observations = 0
+        self._idle_steps = 0  # consecutive steps in which nothing was drafted
+        self._probe_interval = _PROBE_START
 
     # -- cost model ------------------------------------------------------------------------------
     def _cost_model(self, context: StepContext) -> Any:
@@ -285,9 +291,25 @@ class AdaptK(SpeculationController):
             i = int(np.argmax(value))
             if value[i] > best_value:
                 best_value, best_lengths, best_layer = value[i], lengths[:, i], layer
+        best_lengths = self._probe(best_lengths, cap, context)
         self._last_cell[slots] = cells
         self._last_context[slots] = context.context_lens
         return Decision(best_lengths.astype(np.int64), exit_layer=best_layer)
+
+    def _probe(self, lengths: np.ndarray, cap: np.ndarray, context: StepContext) -> np.ndarray:
+        """Draft one token now and then while the policy says "never": an estimate that only
+        changes when something is drafted would otherwise stay wrong forever once it says 0.
+        Early exit needs no probe: shadow agreement reports every layer's acceptance each step."""
+        if lengths.any():
+            self._idle_steps = 0
+            self._probe_interval = _PROBE_START
+            return lengths
+        self._idle_steps += 1
+        if context.exit_layers is not None or self._idle_steps < self._probe_interval or not cap.any():
+            return lengths
+        self._idle_steps = 0
+        self._probe_interval = min(2 * self._probe_interval, _PROBE_MAX)
+        return np.minimum(cap, 1)
 
     def _update(self, feedback: Feedback) -> None:
         drafted, accepted = feedback.num_draft_tokens, feedback.num_accepted_tokens
