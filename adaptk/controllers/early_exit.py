@@ -84,6 +84,9 @@ class DEL(_ConfidenceTuning, SpeculationController):
     >>> ctx = StepContext(step=0, seq_ids=[1], context_lens=[5], k_max=4, num_layers=8, exit_layers=(2, 4))
     >>> c.decide(ctx).exit_layer in (2, 4)
     True
+
+    Cost per step: about 100 µs at batch 64, over the 50 µs target: it scores every (exit layer,
+    length) pair each step and refits its confidence threshold (ROC) periodically.
     """
 
     required_signals = frozenset({"draft_probs", "layer_agreement"})
