@@ -53,7 +53,7 @@ def step_reward(feedback: Feedback, proxy_draft_cost: float = 0.1) -> float:
     """
     emitted = float(feedback.num_emitted_tokens.sum())
     step_time = feedback.step_time_s
-    if step_time > 0:
+    if step_time > 1e-9:  # below a nanosecond a "timing" is no measurement (and would overflow)
         return emitted / step_time
     longest = float(feedback.num_draft_tokens.max()) if len(feedback.num_draft_tokens) else 0.0
     return emitted / (1.0 + proxy_draft_cost * longest)
