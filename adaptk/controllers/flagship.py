@@ -279,6 +279,8 @@ class AdaptK(SpeculationController):
         cap = np.full(batch, width) if context.draft_available is None else np.minimum(context.draft_available, width)
         layers: tuple[int | None, ...] = context.exit_layers or (None,)
         best_value, best_lengths, best_layer = -np.inf, np.zeros(batch, dtype=np.int64), None
+        uniform = np.minimum(np.arange(width + 1)[None, :], cap[:, None])  # batch caps K = 0..width
+        rows = np.arange(batch)[:, None]
         for layer in layers:
             accept = self._accept[cells, :width]
             if layer is not None and self._layer_compared is not None and layer - 1 < len(self._layer_compared):
@@ -288,10 +290,9 @@ class AdaptK(SpeculationController):
                 accept = np.broadcast_to(rate, accept.shape)
             survival = np.cumprod(accept, axis=1)  # P(positions 0..j all accepted)
             expected = np.concatenate([np.ones((batch, 1)), 1.0 + np.cumsum(survival, axis=1)], axis=1)
-            uniform = np.minimum(np.arange(width + 1)[None, :], cap[:, None])
             thresholded = np.minimum((survival[:, :, None] >= _THRESHOLDS[None, None, :]).sum(axis=1), cap[:, None])
             lengths = np.concatenate([uniform, thresholded], axis=1)
-            gain = expected[np.arange(batch)[:, None], lengths].sum(axis=0)
+            gain = expected[rows, lengths].sum(axis=0)
             value = gain / self._candidate_costs(batch, lengths, context.context_lens, layer)
             value[0] *= 1.0 + 1e-9  # ties go to plain decoding
             i = int(np.argmax(value))
