@@ -14,12 +14,17 @@ __all__ = ["AdaptK"]
 
 _WIDTH = 32  # positions tracked per round; k_max beyond this is clipped
 _NGRAM_BUCKETS = 5  # matched suffix length 0, 1, 2, 3+, and "no hint"
-_HISTORY_STATES = 4  # new, last round rejected at once, partially accepted, fully accepted
+# new, last round rejected at once, partially accepted, fully accepted with a run of < 4, < 12 or
+# more tokens accepted since the last rejection (long copy runs tend to go on)
+_HISTORY_STATES = 6
+_RUN_EDGES = np.array([4, 12])
 _RATE_BUCKETS = 4  # unknown, < 0.25, < 0.6, >= 0.6
-# Probing: after this many steps without drafting, draft one token to refresh the estimates
-# (the interval doubles after every probe, up to _PROBE_MAX, and resets once drafting pays again).
+# Probing: after this many steps without drafting, allocate once under an upper confidence bound
+# of the acceptance estimates (the interval doubles after every probe, up to _PROBE_MAX, and
+# resets once drafting pays again). _PROBE_Z is the bound's width in posterior standard deviations.
 _PROBE_START = 8
 _PROBE_MAX = 1024
+_PROBE_Z = 2.0
 # The smoothed table is rebuilt every few updates: per-sequence features react at once, the
 # pooled estimates need not, and the rebuild is most of an update's cost.
 _REFRESH_EVERY = 4
@@ -38,8 +43,9 @@ class AdaptK(SpeculationController):
 
     * **Acceptance** is a table of decayed Beta counts over position ``j`` and three context
       features known before drafting: the drafter's hint (for prompt lookup, the matched n-gram
-      length), the sequence's last round (rejected at once / partial / fully accepted) and the
-      sequence's own acceptance rate. Sparse cells back off to coarser ones (hierarchical
+      length), the sequence's last round (rejected at once / partial / fully accepted, the last
+      split by how many tokens have been accepted since the last rejection: copy runs that have
+      gone on long tend to go on) and the sequence's own acceptance rate. Sparse cells back off to coarser ones (hierarchical
       smoothing); a position not tried yet inherits the estimate of the position before it, which
       is the exploration: where the first positions are accepted, longer drafts get tried and
       measured, where they are not, nothing is spent (an optional UCB-style bonus on uncertain
@@ -50,6 +56,10 @@ class AdaptK(SpeculationController):
       ``adaptk bench`` passes as the profiling phase), otherwise learned online from the step
       timings in ``Feedback`` (:class:`~adaptk.estimators.latency.OnlineLatency`) — no profiling
       needed.
+    * **Probing**: once nothing has been drafted for a while (doubling intervals), one step is
+      allocated under an upper confidence bound of the first-position acceptance. Decayed counts
+      age while nothing is drafted, so a stale "never" gets re-tested where drafting could pay,
+      and nothing is spent where even the optimistic reading cannot (a compute-bound batch).
     * **Allocation** evaluates two families of candidates in one vectorised pass: a batch cap ``K``
       (``k_i = min(K, available_i)``, optimal when every row pays for the longest draft, as in a
       padded batch) and a survival threshold ``τ`` (``k_i`` = positions whose ``Π c ≥ τ``,
@@ -128,6 +138,7 @@ class AdaptK(SpeculationController):
         self._free_slots: list[int] = []
         self._history = np.zeros(0, dtype=np.int64)  # 0 new, 1 rejected at once, 2 partial, 3 full
         self._own_rate = np.zeros(0)  # EWMA of accepted / drafted, -1 = unknown
+        self._run = np.zeros(0, dtype=np.int64)  # tokens accepted since the sequence's last rejection
         self._last_cell = np.zeros(0, dtype=np.int64)
         self._last_context = np.zeros(0, dtype=np.int64)
         self._cost: Any = None
@@ -223,12 +234,14 @@ class AdaptK(SpeculationController):
                     grow = max(8, slot)
                     self._history = np.concatenate([self._history, np.zeros(grow, dtype=np.int64)])
                     self._own_rate = np.concatenate([self._own_rate, np.zeros(grow)])
+                    self._run = np.concatenate([self._run, np.zeros(grow, dtype=np.int64)])
                     self._last_cell = np.concatenate([self._last_cell, np.zeros(grow, dtype=np.int64)])
                     self._last_context = np.concatenate([self._last_context, np.zeros(grow, dtype=np.int64)])
                     self._free_slots.extend(range(slot + grow - 1, slot, -1))
                 slot_of[seq_id] = slot
                 self._history[slot] = 0
                 self._own_rate[slot] = -1.0
+                self._run[slot] = 0
         return np.fromiter(map(slot_of.__getitem__, seq_ids), dtype=np.int64, count=len(seq_ids))
 
     def _features(self, context: StepContext, slots: np.ndarray) -> np.ndarray:
@@ -277,18 +290,31 @@ class AdaptK(SpeculationController):
         self._cost_model(context)
         cells = self._features(context, slots)
         cap = np.full(batch, width) if context.draft_available is None else np.minimum(context.draft_available, width)
+        best_lengths, best_layer = self._allocate(self._accept[cells, :width], cap, context)
+        if best_lengths.any():
+            self._idle_steps, self._probe_interval = 0, _PROBE_START
+        elif self._probe_due(context, cap):
+            # act on an optimistic reading of the counts: probe only if some allocation could pay
+            best_lengths, best_layer = self._allocate(self._optimistic_acceptance()[cells, :width], cap, context)
+        self._last_cell[slots] = cells
+        self._last_context[slots] = context.context_lens
+        return Decision(best_lengths.astype(np.int64), exit_layer=best_layer)
+
+    def _allocate(self, accept: np.ndarray, cap: np.ndarray, context: StepContext) -> tuple[np.ndarray, int | None]:
+        """The candidate allocation (and exit layer) of highest predicted goodput under ``accept``."""
+        batch, width = accept.shape
         layers: tuple[int | None, ...] = context.exit_layers or (None,)
         best_value, best_lengths, best_layer = -np.inf, np.zeros(batch, dtype=np.int64), None
         uniform = np.minimum(np.arange(width + 1)[None, :], cap[:, None])  # batch caps K = 0..width
         rows = np.arange(batch)[:, None]
         for layer in layers:
-            accept = self._accept[cells, :width]
+            layer_accept = accept
             if layer is not None and self._layer_compared is not None and layer - 1 < len(self._layer_compared):
                 # shadow agreement of this layer, shrunk toward the prior
                 rate = (self._layer_matches[layer - 1] + self.prior_strength * self.prior_rate) / (
                     self._layer_compared[layer - 1] + self.prior_strength)
-                accept = np.broadcast_to(rate, accept.shape)
-            survival = np.cumprod(accept, axis=1)  # P(positions 0..j all accepted)
+                layer_accept = np.broadcast_to(rate, accept.shape)
+            survival = np.cumprod(layer_accept, axis=1)  # P(positions 0..j all accepted)
             expected = np.concatenate([np.ones((batch, 1)), 1.0 + np.cumsum(survival, axis=1)], axis=1)
             thresholded = np.minimum((survival[:, :, None] >= _THRESHOLDS[None, None, :]).sum(axis=1), cap[:, None])
             lengths = np.concatenate([uniform, thresholded], axis=1)
@@ -298,25 +324,38 @@ class AdaptK(SpeculationController):
             i = int(np.argmax(value))
             if value[i] > best_value:
                 best_value, best_lengths, best_layer = value[i], lengths[:, i], layer
-        best_lengths = self._probe(best_lengths, cap, context)
-        self._last_cell[slots] = cells
-        self._last_context[slots] = context.context_lens
-        return Decision(best_lengths.astype(np.int64), exit_layer=best_layer)
+        return best_lengths, best_layer
 
-    def _probe(self, lengths: np.ndarray, cap: np.ndarray, context: StepContext) -> np.ndarray:
-        """Draft one token now and then while the policy says "never": an estimate that only
-        changes when something is drafted would otherwise stay wrong forever once it says 0.
-        Early exit needs no probe: shadow agreement reports every layer's acceptance each step."""
-        if lengths.any():
-            self._idle_steps = 0
-            self._probe_interval = _PROBE_START
-            return lengths
+    def _probe_due(self, context: StepContext, cap: np.ndarray) -> bool:
+        """Whether to reconsider "draft nothing" optimistically this step.
+
+        An estimate that only changes when something is drafted would stay wrong forever once it
+        says 0. So every so often (at doubling intervals while nothing is drafted) the controller
+        allocates under an upper confidence bound of each acceptance estimate instead; as the
+        decayed counts age, the bound widens, so stale "never" verdicts get re-tested, while
+        where even the optimistic reading cannot pay (a compute-bound batch) nothing is spent.
+        Early exit needs no probe: shadow agreement reports every layer's acceptance each step.
+        """
+        if context.exit_layers is not None or not cap.any():
+            return False
         self._idle_steps += 1
-        if context.exit_layers is not None or self._idle_steps < self._probe_interval or not cap.any():
-            return lengths
+        if self._idle_steps < self._probe_interval:
+            return False
         self._idle_steps = 0
         self._probe_interval = min(2 * self._probe_interval, _PROBE_MAX)
-        return np.minimum(cap, 1)
+        return True
+
+    def _optimistic_acceptance(self) -> np.ndarray:
+        """The estimates with the first position raised to its upper confidence bound.
+
+        Only position 0 is raised: it decides whether a draft pays at all, and raising the deeper,
+        rarely tried positions too would make every probe a long (and, in a busy batch, costly) one.
+        """
+        self._refresh_acceptance()
+        optimistic = self._accept.copy()
+        p, n = optimistic[:, 0], self._trials[:, 0] + self.prior_strength
+        optimistic[:, 0] = np.clip(p + _PROBE_Z * np.sqrt(p * (1 - p) / n), 0.0, 0.999)
+        return optimistic
 
     def _update(self, feedback: Feedback) -> None:
         drafted, accepted = feedback.num_draft_tokens, feedback.num_accepted_tokens
@@ -347,7 +386,11 @@ class AdaptK(SpeculationController):
         size = self._trials.size
         self._trials += np.bincount(flat[trials], minlength=size).reshape(self._trials.shape)
         self._successes += np.bincount(flat[positions < a[:, None]], minlength=size).reshape(self._trials.shape)
-        self._history[slots] = np.where(a == d, 3, np.where(a > 0, 2, 1))
+        full = a == d
+        run = np.where(full, self._run[slots] + a, 0)
+        self._run[slots] = run
+        self._history[slots] = np.where(full, 3 + np.searchsorted(_RUN_EDGES, run, side="right"),
+                                        np.where(a > 0, 2, 1))
         observed = a / d
         old = self._own_rate[slots]
         self._own_rate[slots] = np.where(old < 0, observed, (1 - self.rate_weight) * old + self.rate_weight * observed)

@@ -1,0 +1,87 @@
+"""The flagship ``adaptk`` controller: allocation, back-off, probing and copy-run behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import adaptk
+from adaptk.bench.runner import build_controller, bundled_trace_paths
+from adaptk.estimators.latency import get_latency_model
+from adaptk.sim.oracle import best_fixed
+from adaptk.sim.replay import Workload, replay
+from adaptk.sim.trace import TraceSet
+from adaptk.types import Feedback, StepContext
+
+
+def context(step: int, batch: int, k_max: int = 8, ngram: int = 3, available: int = 8) -> StepContext:
+    return StepContext(step=step, seq_ids=np.arange(batch), context_lens=np.full(batch, 300), k_max=k_max,
+                       draft_available=np.full(batch, available), match_ngram_lens=np.full(batch, ngram))
+
+
+def run(controller, steps: int, batch: int, accept, start: int = 0) -> list[np.ndarray]:
+    """Feed ``steps`` rounds; ``accept(drafted) -> accepted`` plays the drafter. Returns decisions."""
+    decisions = []
+    for step in range(start, start + steps):
+        k = controller.decide(context(step, batch)).num_draft_tokens
+        decisions.append(k)
+        controller.update(Feedback(seq_ids=np.arange(batch), num_draft_tokens=k, num_accepted_tokens=accept(k),
+                                   step=step))
+    return decisions
+
+
+def test_drafts_the_maximum_where_verification_is_free_and_drafts_are_accepted() -> None:
+    controller = adaptk.make("adaptk", latency="h100-llama3-8b")
+    decisions = run(controller, 40, 1, lambda k: k)
+    assert all(int(k[0]) == 8 for k in decisions[5:])
+
+
+def test_long_copy_runs_earn_longer_drafts_than_isolated_hits() -> None:
+    # CPU batch 1: 3+ drafted tokens cost ~50% more than 2, so length must be earned by evidence
+    controller = adaptk.make("adaptk", latency={"name": "smollm2-135m-cpu", "drafter": "prompt_lookup"})
+    run(controller, 300, 1, lambda k: np.zeros_like(k))  # nothing is ever accepted
+    after_rejections = int(controller.decide(context(300, 1)).num_draft_tokens[0])
+    run(controller, 300, 1, lambda k: k, start=301)  # now everything is
+    after_copying = int(controller.decide(context(601, 1)).num_draft_tokens[0])
+    assert after_rejections <= 1
+    assert after_copying == 8
+
+
+def test_never_probes_where_even_an_optimistic_estimate_cannot_pay() -> None:
+    # SmolLM2 on 2 CPU cores at batch 64: verifying 2 tokens per row costs 2.3x one token, so with
+    # well-measured ~35% first-token acceptance no draft can pay; probing would only cost
+    controller = adaptk.make("adaptk", latency={"name": "smollm2-135m-cpu", "drafter": "prompt_lookup"})
+    rng = np.random.default_rng(0)
+    accept = lambda k: np.minimum(k, rng.geometric(0.65, k.shape) - 1)  # noqa: E731
+    run(controller, 300, 64, accept)
+    late = run(controller, 2000, 64, accept, start=300)
+    assert sum(int(k.sum()) for k in late) == 0
+
+
+def test_a_stale_never_is_retested_when_drafting_could_pay() -> None:
+    # batch 1 on the CPU: two drafted tokens cost ~14% more than none. After a rejection-only phase
+    # it stops drafting; once the text turns copyable, probes must find out and drafting resume.
+    controller = adaptk.make("adaptk", latency={"name": "smollm2-135m-cpu", "drafter": "prompt_lookup"})
+    rejected = run(controller, 400, 1, lambda k: np.zeros_like(k))
+    probes = [int(k[0]) for k in rejected[100:] if k[0] > 0]
+    assert len(probes) <= 3 and max(probes, default=1) == 1  # a few single-token probes, no more
+    later = run(controller, 600, 1, lambda k: k, start=400)
+    assert all(int(k[0]) == 8 for k in later[-100:])
+
+
+@pytest.fixture(scope="module")
+def prompt_lookup() -> TraceSet:
+    return TraceSet.load(bundled_trace_paths()["smollm2-prompt-lookup"])
+
+
+@pytest.mark.parametrize("cost_profile,batch_size", [("smollm2-135m-cpu", 1), ("smollm2-135m-cpu", 4),
+                                                     ("smollm2-135m-cpu", 64), ("h100-llama3-8b", 16)])
+def test_at_least_as_good_as_the_best_fixed_k_on_bundled_summarization(prompt_lookup: TraceSet, cost_profile: str,
+                                                                     batch_size: int) -> None:
+    work = Workload(prompt_lookup.subset(category="summarization"))
+    latency = get_latency_model(cost_profile, drafter="prompt_lookup")
+    requests = max(len(work), 4 * batch_size)
+    _, _, best, _ = best_fixed(work, latency, batch_size, ks=[0, 1, 2, 4, 8, 16], num_requests=requests)
+    controller = build_controller("adaptk", cost_profile, drafter="prompt_lookup")
+    result = replay(controller, work, latency, batch_size, num_requests=requests)
+    assert result.token_goodput >= 0.995 * best.token_goodput
