@@ -5,13 +5,14 @@ that depends on batch size, context length and hardware in ways no formula captu
 curve has steps and is not monotone). Controllers and the replay simulator therefore read a table
 of *measured* costs. This script produces it:
 
-- ``verify``: one forward of ``n`` new tokens per sequence on top of a KV cache of ``ctx`` tokens
-  (DynamicCache, attention mask over cache + new tokens, logits for all new tokens);
+- ``verify``: one forward of ``n`` new tokens per sequence on top of ``ctx`` cached positions,
+  through the reference decoder's own forward (position-indexed cache, masked path, logits for
+  all new tokens), so that replay predicts what ``adaptk bench --engine reference`` measures;
 - ``draft_per_token.early_exit``: one drafted token with the first ``L`` layers + final norm +
   LM head over the cache;
 - ``draft_per_token.prompt_lookup``: one prompt-lookup proposal per sequence (numpy), summed over
   the batch;
-- ``prefill``: the prompt forward at batch 1.
+- ``prefill``: one prompt's forward at batch 1 (the decoder prefills each joining request alone).
 
 Every cell is the minimum over repetitions: the machine is shared, and the minimum is the least
 noisy estimate of what the hardware can do. Token contents are random; cost does not depend on them.
@@ -32,18 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
+from adaptk.decoding.kv import ModelRunner
 from adaptk.decoding.models import load_model
 from adaptk.ngram import propose
 
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
 TOKENS_PER_SEQ = [1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 17]
-CONTEXT_LENS = [128, 512]
+CONTEXT_LENS = [128, 512, 1024, 2048]
 EXIT_LAYERS = [6, 12, 18, 24]
 EXIT_BATCHES = [1, 8]
 LOOKUP_BATCHES = [1, 8, 64]
-PREFILL_TOKENS = [32, 64, 128, 256, 512, 1024]
+PREFILL_TOKENS = [32, 64, 128, 256, 512, 1024, 2048]
 
 
 def cpu_model() -> str:
@@ -111,32 +112,35 @@ def min_time(fn: Callable[[], None], reps: int) -> float:
     return best
 
 
-def truncate(cache: DynamicCache, length: int) -> None:
-    """Roll every cache layer back to ``length`` tokens (layers shorter than that are untouched)."""
-    for layer in cache.layers:
-        if layer.keys is not None and layer.keys.shape[-2] > length:
-            layer.keys = layer.keys[..., :length, :]
-            layer.values = layer.values[..., :length, :]
+def make_runner(model: torch.nn.Module, batch: int, ctx: int) -> ModelRunner:
+    """The reference decoder's forward path with room for ``batch`` rows of ``ctx`` + 17 positions.
+
+    The cache content is irrelevant to cost, so it is left as allocated (zeros): no prefill needed.
+    """
+    runner = ModelRunner(model)
+    runner.allocate(batch, ctx + max(TOKENS_PER_SEQ) + 1)
+    return runner
 
 
-def build_cache(model: torch.nn.Module, batch: int, ctx: int, vocab: int, gen: torch.Generator) -> DynamicCache:
-    """A cache of ``ctx`` tokens for ``batch`` sequences: prefill one row, repeat it (content is irrelevant)."""
-    cache = DynamicCache(config=model.config)
-    ids = torch.randint(0, vocab, (1, ctx), generator=gen)
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(batch)
-    return cache
+def step_fn(runner: ModelRunner, batch: int, ctx: int, n: int, vocab: int, gen: torch.Generator,
+            layers: range | None = None) -> Callable[[], None]:
+    """One forward of ``n`` tokens per row after ``ctx`` cached positions, as the decoder runs it.
 
-
-def step_fn(model: torch.nn.Module, cache: DynamicCache, batch: int, ctx: int, n: int, vocab: int, gen: torch.Generator) -> Callable[[], None]:
-    """One verify forward of ``n`` tokens per row on the cache, rolled back afterwards."""
+    Rows sit at slightly different positions (as sequences in a running batch do), so the forward
+    takes the decoder's masked path; every row attends ``ctx + n`` slots, the padded batch's cost.
+    Each run rewrites the same slots, so nothing needs rolling back.
+    """
     ids = torch.randint(0, vocab, (batch, n), generator=gen)
-    mask = torch.ones(batch, ctx + n, dtype=torch.long)
-    positions = torch.arange(ctx, ctx + n)
+    start = torch.full((batch,), ctx, dtype=torch.long)
+    start[1::2] -= 1
+    rows = slice(0, batch)
 
     def run() -> None:
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache, cache_position=positions, use_cache=True)
-        truncate(cache, ctx)
+        if layers is None:
+            runner.forward(start, rows, input_ids=ids)
+        else:  # an early-exit draft step: the first L layers, then norm + LM head
+            h, _ = runner.forward(start, rows, input_ids=ids, layers=layers, head=False)
+            runner.head(h)
 
     return run
 
@@ -161,11 +165,11 @@ def profile_verify(model, vocab, gen, batch_sizes, ns, ctxs, skip_big, passes, b
             break
         for c, ctx in enumerate(ctxs):
             for b, batch in enumerate(batch_sizes):
-                cache = build_cache(model, batch, ctx, vocab, gen)
+                runner = make_runner(model, batch, ctx)
                 for i, n in enumerate(ns):
                     if skip_big is not None and batch >= 64 and n not in skip_big:
                         continue
-                    t = min_time(step_fn(model, cache, batch, ctx, n, vocab, gen), reps_for(batch, n, ctx))
+                    t = min_time(step_fn(runner, batch, ctx, n, vocab, gen), reps_for(batch, n, ctx))
                     old = seconds[b][i][c]
                     seconds[b][i][c] = t if old is None else min(old, t)
                     print(f"pass {p} verify ctx={ctx:4d} batch={batch:3d} n={n:2d}: {t * 1e3:8.1f} ms", flush=True)
@@ -218,25 +222,19 @@ def repair_verify(model, vocab, gen, verify: dict, rounds: int) -> None:
             return
         for b, i, c in cells:
             batch, n, ctx = verify["batch_sizes"][b], verify["tokens_per_seq"][i], verify["context_lens"][c]
-            cache = build_cache(model, batch, ctx, vocab, gen)
-            t = min_time(step_fn(model, cache, batch, ctx, n, vocab, gen), reps_for(batch, n, ctx) + 1)
+            t = min_time(step_fn(make_runner(model, batch, ctx), batch, ctx, n, vocab, gen), reps_for(batch, n, ctx) + 1)
             old = verify["seconds"][b][i][c]
             verify["seconds"][b][i][c] = min(old, t)
             print(f"repair ctx={ctx:4d} batch={batch:3d} n={n:2d}: {old * 1e3:8.1f} -> {min(old, t) * 1e3:8.1f} ms", flush=True)
 
 
 def profile_early_exit(model, vocab, gen, layers, batches, ctx) -> list:
-    """Cost of one drafted token with the first L layers: truncate the layer list temporarily."""
-    full = model.model.layers
+    """Cost of one drafted token with the first L layers + norm + LM head, as the drafter runs it."""
     seconds = [[None for _ in batches] for _ in layers]
     for j, batch in enumerate(batches):
-        cache = build_cache(model, batch, ctx, vocab, gen)
+        runner = make_runner(model, batch, ctx)
         for i, num in enumerate(layers):
-            model.model.layers = torch.nn.ModuleList(list(full)[:num])
-            try:
-                seconds[i][j] = min_time(step_fn(model, cache, batch, ctx, 1, vocab, gen), 7)
-            finally:
-                model.model.layers = full
+            seconds[i][j] = min_time(step_fn(runner, batch, ctx, 1, vocab, gen, layers=range(num)), 7)
             print(f"early exit L={num:2d} batch={batch:2d} ctx={ctx}: {seconds[i][j] * 1e3:8.1f} ms", flush=True)
     return seconds
 
@@ -257,12 +255,15 @@ def profile_prompt_lookup(batches, ctx, rng) -> list:
 
 
 def profile_prefill(model, vocab, gen, lengths) -> list:
+    """One prompt alone (the decoder prefills each joining request on its own), no logits."""
     seconds = []
+    runner = make_runner(model, 1, max(lengths))
+    start = torch.zeros(1, dtype=torch.long)
     for length in lengths:
         ids = torch.randint(0, vocab, (1, length), generator=gen)
 
         def run(ids: torch.Tensor = ids) -> None:
-            model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+            runner.forward(start, slice(0, 1), input_ids=ids, head=False)
 
         seconds.append(min_time(run, 5 if length <= 256 else 3))
         print(f"prefill {length:5d} tokens: {seconds[-1] * 1e3:8.1f} ms", flush=True)
@@ -320,8 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     global GATE
     if not args.no_gate:
         with torch.inference_mode():
-            ref_cache = build_cache(model, 1, 128, vocab, gen)
-            GATE = QuietGate(step_fn(model, ref_cache, 1, 128, 1, vocab, gen), max_wait_s=args.gate_wait)
+            GATE = QuietGate(step_fn(make_runner(model, 1, 128), 1, 128, 1, vocab, gen), max_wait_s=args.gate_wait)
         print(f"quiet gate: reference step {GATE.best * 1e3:.1f} ms", flush=True)
     batches, ns, ctxs = (BATCH_SIZES, TOKENS_PER_SEQ, CONTEXT_LENS) if not args.quick else ([1, 2], [1, 3], [32])
     if args.repair:
@@ -382,11 +382,12 @@ def main(argv: list[str] | None = None) -> None:
         "kind": "measured",
         "description": (
             "Wall-clock seconds, minimum over repetitions (verify: over several sweeps of the grid), torch "
-            "inference_mode, fp32. verify.seconds[b][n][c]: one "
-            "forward of n new tokens per sequence on a DynamicCache of ctx tokens (logits for all new tokens). "
+            "inference_mode, fp32, through the reference decoder's own forward (adaptk.decoding.kv.ModelRunner, "
+            "position-indexed cache, rows at unequal positions so the masked path runs). verify.seconds[b][n][c]: one "
+            "forward of n new tokens per sequence after ctx cached positions (logits for all new tokens). "
             "early_exit.seconds[layer][batch]: one drafted token through the first L layers + norm + LM head on a "
             "cache of 128 tokens. prompt_lookup.seconds[batch]: one numpy proposal (max_ngram 3, 16 tokens) per "
-            "sequence of 512 tokens, summed over the batch. prefill: batch 1, logits for the last token only. "
+            "sequence of 512 tokens, summed over the batch. prefill: one prompt alone, no logits. "
             "Verify cells that cost >1.2x a cell doing strictly more work were re-measured (contention on a shared "
             "machine); every timed run waited until a reference decode step ran within 1.25x of its best time. "
             "Remaining non-monotonicity is real."

@@ -382,18 +382,20 @@ class SpeculativeDecoder:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _prefill(self, runners, first_row, joined) -> None:
-        """Feed each new prompt except its last token (fed by the first step) into rows first_row..."""
-        chunks = [s.tokens[:-1] for s in joined]
-        width = max(map(len, chunks))
-        if width:
-            ids = torch.zeros(len(joined), width, dtype=torch.long)  # right-padded; padding is never attended
-            for r, c in enumerate(chunks):
-                ids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
-            start = torch.zeros(len(joined), dtype=torch.long)
-            for runner in runners:
-                runner.forward(start, slice(first_row, first_row + len(joined)), input_ids=ids, head=False)
-        for r, c in enumerate(chunks):
-            self.drafter.admit(first_row + r, len(c))
+        """Feed each new prompt except its last token (fed by the first step) into rows first_row...
+
+        One prompt per forward: right-padding unequal prompts into one forward would compute every
+        prompt at the longest one's length, and on a compute-bound device that costs more than the
+        extra forward calls.
+        """
+        start = torch.zeros(1, dtype=torch.long)
+        for r, s in enumerate(joined):
+            chunk = s.tokens[:-1]
+            if len(chunk):
+                ids = torch.tensor([list(chunk)], dtype=torch.long)
+                for runner in runners:
+                    runner.forward(start, slice(first_row + r, first_row + r + 1), input_ids=ids, head=False)
+            self.drafter.admit(first_row + r, len(chunk))
 
     def _eos_ids(self, eos_token_id) -> set[int]:
         if isinstance(eos_token_id, str) and eos_token_id == _MODEL_EOS:
