@@ -324,3 +324,20 @@ def test_smollm2_specbench_greedy_identity(kind):
         with torch.inference_mode():
             want = smol.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False)[0, len(p):].tolist()
         assert r.tokens == want[: len(r.tokens)] and (len(r.tokens) == len(want))
+
+
+@pytest.mark.model
+def test_reference_bench_reports_each_task_beside_its_replay_prediction(tmp_path):
+    from adaptk.bench.reference import run_reference_bench
+
+    rows = run_reference_bench(["adaptk"], [2], suite="tasks", out_dir=tmp_path, per_task=2, max_new_tokens=8,
+                               log=lambda msg: None)
+    tasks = {r["workload"].split("/")[1] for r in rows}
+    assert tasks == {"mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"}
+    assert {r["controller"] for r in rows} == {"fixed(k=0)", "adaptk"}
+    for r in rows:
+        assert r["engine"] == "reference" and r["num_requests"] == 2 and r["num_tokens"] == 16
+        assert r["token_goodput"] > 0 and r["predicted_token_goodput"] > 0
+        if r["controller"] == "fixed(k=0)":
+            assert r["relative_to_plain"] == 1.0 and r["mean_num_draft_tokens"] == 0
+    assert (tmp_path / "reference.json").is_file()

@@ -21,10 +21,12 @@ from adaptk.bench.runner import build_controller, bundled_trace_paths, spec_labe
 
 __all__ = ["run_reference_bench", "REFERENCE_SUITES"]
 
-#: per_task: prompts per Spec-Bench task; max_new_tokens per request.
+#: per_task: prompts per Spec-Bench task; max_new_tokens per request; by_task: one workload per
+#: task (the speedup of each task) instead of all tasks mixed in one run.
 REFERENCE_SUITES = {
-    "quick": {"per_task": 1, "max_new_tokens": 64, "k_max": 8},
-    "standard": {"per_task": 3, "max_new_tokens": 128, "k_max": 8},
+    "quick": {"per_task": 1, "max_new_tokens": 64, "k_max": 8, "by_task": False},
+    "standard": {"per_task": 3, "max_new_tokens": 128, "k_max": 8, "by_task": False},
+    "tasks": {"per_task": 8, "max_new_tokens": 96, "k_max": 16, "by_task": True},
 }
 PLAIN = {"name": "fixed", "params": {"k": 0}}
 LATENCY_PROFILE = "smollm2-135m-cpu"
@@ -76,14 +78,17 @@ def run_reference_bench(
     *,
     model: str = "smollm2-135m-instruct",
     num_threads: int | None = None,
+    per_task: int | None = None,
+    max_new_tokens: int | None = None,
     log=lambda msg: print(msg, flush=True),
 ) -> list[dict[str, Any]]:
     """Decode Spec-Bench prompts for real with every controller at every batch size.
 
     ``controllers`` are registry specs (names or ``{"name", "params"}``); plain decoding is added.
     ``drafter`` is ``"prompt_lookup"`` or ``"early_exit"``. Returns one row per controller × batch
-    size (``engine="reference"``, ``cost_profile="measured"``) and writes ``reference.json`` to
-    ``out_dir`` when given.
+    size (and task, for the ``tasks`` suite) with ``engine="reference"``,
+    ``cost_profile="measured"``, and writes ``reference.json`` to ``out_dir`` when given.
+    ``per_task`` and ``max_new_tokens`` override the suite's.
     """
     import torch
 
@@ -95,10 +100,20 @@ def run_reference_bench(
         raise ValueError(f"unknown suite {suite!r}; choose from {sorted(REFERENCE_SUITES)}")
     if drafter not in ("prompt_lookup", "early_exit"):
         raise ValueError(f"drafter must be 'prompt_lookup' or 'early_exit', got {drafter!r}")
-    cfg = REFERENCE_SUITES[suite]
+    cfg = dict(REFERENCE_SUITES[suite])
+    for key, value in (("per_task", per_task), ("max_new_tokens", max_new_tokens)):
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+            cfg[key] = value
     target, tokenizer = load_model(model, num_threads=num_threads)
     prompts = load_prompts(tokenizer, per_task=cfg["per_task"])
-    ids = [list(p.input_ids) for p in prompts]
+    workload = f"smollm2-{drafter.replace('_', '-')}"
+    if cfg["by_task"]:
+        groups = {f"{workload}/{task}": [p for p in prompts if p.category == task]
+                  for task in dict.fromkeys(p.category for p in prompts)}
+    else:
+        groups = {f"{workload}/{suite}": prompts}
     traces = _load_traces(drafter)
     specs = [PLAIN] + [c for c in controllers if spec_label(c) != spec_label(PLAIN)]
 
@@ -109,9 +124,10 @@ def run_reference_bench(
         return EarlyExitDrafter(exit_layers=layers)
 
     warm = SpeculativeDecoder(target, drafter=make_drafter(), controller=PLAIN, k_max=cfg["k_max"])
-    warm.generate(ids[:1], max_new_tokens=4)  # first-call allocations out of the timings
+    warm.generate([list(prompts[0].input_ids)], max_new_tokens=4)  # first-call allocations out of the timings
     rows = []
-    for batch_size in batch_sizes:
+    for batch_size, (name, group) in ((b, g) for b in batch_sizes for g in groups.items()):
+        ids = [list(p.input_ids) for p in group]
         plain_goodput = None
         for spec in specs:
             layer = traces.variants[-1] if traces is not None else None
@@ -120,7 +136,7 @@ def run_reference_bench(
             started = time.perf_counter()
             result = decoder.generate(ids, max_new_tokens=cfg["max_new_tokens"], concurrency=batch_size)
             wall = time.perf_counter() - started
-            predicted = _predicted(traces, [p.prompt_id for p in prompts], cfg["max_new_tokens"], spec, drafter,
+            predicted = _predicted(traces, [p.prompt_id for p in group], cfg["max_new_tokens"], spec, drafter,
                                    batch_size)
             latencies = np.array([r.latency_s for r in result])
             label = spec_label(spec)
@@ -128,7 +144,7 @@ def run_reference_bench(
             rows.append({
                 "engine": "reference",
                 "controller": label,
-                "workload": f"smollm2-{drafter.replace('_', '-')}/{suite}",
+                "workload": name,
                 "drafter": drafter,
                 "batch_size": batch_size,
                 "cost_profile": "measured",
@@ -149,7 +165,7 @@ def run_reference_bench(
                 "torch_threads": torch.get_num_threads(),
             })
             r = rows[-1]
-            log(f"reference b={batch_size:<3} {label:<28} {r['token_goodput']:7.1f} tok/s  "
+            log(f"reference {name.split('/')[-1]:<14} b={batch_size:<3} {label:<28} {r['token_goodput']:7.1f} tok/s  "
                 f"x{r['relative_to_plain']:.2f} plain  acc.len {r['mean_acceptance_length']:.2f}"
                 + ("" if predicted is None else f"  (replay {r['predicted_token_goodput']:.1f} tok/s)"))
     if out_dir is not None:
