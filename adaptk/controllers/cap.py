@@ -15,7 +15,6 @@ combinator wraps any registered controller, given as a JSON spec, and caps what 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
@@ -57,6 +56,11 @@ class Capped(_CostAware):
         ``"batch-mean"``.
     initial_acceptance, weight_new
         The goodput cap's acceptance EWMA (per-token, unbiased for any drafted length).
+
+    Per-step cost: the inner controller's plus about 7 µs at batch 64 (``capped`` around
+    ``hf-heuristic``: about 45 µs). Feedback is validated once, by this controller's ``update``,
+    with exactly the inner controller's ``k_max``, signals and live ids, so it goes to the inner
+    controller's ``_update`` directly.
     """
 
     def __init__(
@@ -126,7 +130,7 @@ class Capped(_CostAware):
         if not len(proposed):
             return decision
         if self.cap == "batch-mean":
-            limit = math.ceil(float(proposed.mean()))
+            limit = -(-int(proposed.sum()) // len(proposed))  # ceil of the mean, in integers
         else:
             limit = self.goodput_cap(len(proposed), context.context_lens, int(context.k_max))
         if int(proposed.max()) <= limit:
@@ -134,7 +138,11 @@ class Capped(_CostAware):
         return Decision(np.minimum(proposed, limit), exit_layer=decision.exit_layer, info=decision.info)
 
     def _update(self, feedback: Feedback) -> None:
-        self._inner.update(feedback)
+        # ``update`` has validated this feedback exactly as the inner controller's own ``update``
+        # would: same k_max (both decided this context), same signals (the stop rule and required
+        # signals are the inner's), same live ids (decisions and ends are forwarded). Going to the
+        # inner ``_update`` skips the second, identical validation.
+        self._inner._update(feedback)
         if self.cap == "goodput":
             self._learn_costs(feedback)
             if self._alpha.observe(feedback.num_draft_tokens, feedback.num_accepted_tokens):

