@@ -10,7 +10,8 @@ shrinks as the batch grows (possibly to 0). The numerator is exactly a latency m
 tokens a round emits.
 
 * ``analytic-table`` (:class:`AnalyticTable`, the faithful form): a batch-size → length table built
-  once, from a latency profile and a profiled ``l(s)``; one length for the whole batch.
+  from a latency profile and ``l(s)`` measured in a profiling phase on the real drafter (the first
+  steps, optionally repeated); one length for the whole batch.
 * ``analytic`` (:class:`Analytic`, continuous form): the same model with ``l(s)`` and ``t(b, n)``
   learned online from feedback, so it needs no profiling phase.
 
@@ -291,24 +292,43 @@ class AnalyticTable(_CostAware):
     context ``context_len``, and ``l(s)`` the expected tokens a round emits. A batch of ``B`` uses
     the bucket nearest ``B`` in log space; the whole batch drafts that length.
 
-    ``l(s)`` comes from the profiling phase:
+    ``l(s)`` comes from a profiling phase on the real drafter, as in the paper ([summary]: a brief
+    profiling before deployment, ``l(s)`` measured empirically):
 
-    * ``profile_acceptance=α`` (default 0.7): i.i.d. acceptance, ``l(s) = (1 − α^{s+1}) / (1 − α)``;
-      the table is fixed before the first step.
-    * ``profile_acceptance=None``: the first ``profile_steps`` steps that draft (all sequences draft
-      ``k_max``) measure per-position acceptance ``r_j``; then ``l(s) = 1 + Σ_{j<s} r_j`` is frozen
-      and the table built — measured empirically, as the paper does.
+    * ``profile_acceptance=None`` (default): the first steps are the profiling phase, until
+      ``profile_rounds`` (32) sequence-rounds have drafted — ``ceil(32 / B)`` steps at batch ``B``
+      (statistical precision depends on rounds, not steps, and a long phase at a large batch
+      would spend a good part of a run drafting ``k_max``). Every sequence drafts ``k_max``; the
+      feedback's accepted counts give per-position acceptance ``r_j`` (the fraction of rounds in
+      which position ``j`` was accepted, counted where it was reached, as
+      :class:`adaptk.estimators.PositionAcceptance`). Then ``l(s) = 1 + Σ_{j<s} r_j`` is frozen
+      and the table built from it. A drafter whose first token is rarely accepted measures
+      ``l(s) ≈ 1``, and the table says ``s* = 0`` wherever a drafted token costs anything. The
+      phase has a price: those steps draft ``k_max`` whatever it costs (with an expensive
+      drafter, a few percent of a short run).
+    * ``reprofile_every=N`` (default 0: never, as the paper): after ``N`` steps with the table, a
+      new profiling phase measures acceptance afresh (from zero counts) and replaces ``l(s)`` —
+      for text whose predictability drifts. The previous table stays available through
+      :meth:`table` meanwhile.
+    * ``profile_acceptance=α``: no profiling phase, i.i.d. acceptance ``α`` assumed,
+      ``l(s) = (1 − α^{s+1}) / (1 − α)`` — for an ``α`` measured elsewhere.
 
     Costs: ``latency`` names the profile (the bench passes the cell's cost profile); with
     ``latency=None`` they come from an online model learned from the feedback timings (see
     :class:`_CostAware`), and the table follows that model as it learns.
 
-    >>> from adaptk import StepContext
-    >>> c = AnalyticTable(latency="h100-llama3-8b")
-    >>> small = c.decide(StepContext(step=0, seq_ids=[0], context_lens=[512], k_max=8)).num_draft_tokens[0]
-    >>> large = c.decide(StepContext(step=1, seq_ids=list(range(256)), context_lens=[512] * 256, k_max=8)).num_draft_tokens[0]
-    >>> bool(small > large)
-    True
+    >>> from adaptk import StepContext, Feedback
+    >>> c = AnalyticTable(latency="h100-llama3-8b", profile_rounds=4)
+    >>> ctx = StepContext(step=0, seq_ids=[0, 1], context_lens=[512, 512], k_max=8)
+    >>> c.decide(ctx).num_draft_tokens.tolist()   # profiling: draft k_max
+    [8, 8]
+    >>> for step in range(2):                     # 2 steps x 2 rounds; the first token is never accepted
+    ...     c.update(Feedback(seq_ids=[0, 1], num_draft_tokens=[8, 8], num_accepted_tokens=[0, 0]))
+    >>> c.decide(ctx).num_draft_tokens.tolist()   # l(s) = 1: speculation cannot pay
+    [0, 0]
+    >>> fixed = AnalyticTable(latency="h100-llama3-8b", profile_acceptance=0.7)
+    >>> [row for row in fixed.table(k_max=8) if row[0] in (1, 79, 111, 444)]   # [lo, hi, s*]: falls with the batch
+    [[1, 1, 3], [79, 110, 2], [111, 156, 1], [444, 627, 0]]
     """
 
     DEFAULT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -316,15 +336,17 @@ class AnalyticTable(_CostAware):
     def __init__(
         self,
         latency: LatencySpec = None,
-        profile_acceptance: float | None = 0.7,
-        profile_steps: int = 20,
+        profile_acceptance: float | None = None,
+        profile_rounds: int = 32,
+        reprofile_every: int = 0,
         batch_buckets: Sequence[int] = DEFAULT_BUCKETS,
         context_len: int = 512,
     ) -> None:
         super().__init__(latency)
         if profile_acceptance is not None:
             _check_prob(profile_acceptance, "profile_acceptance")
-        _check_int(profile_steps, "profile_steps", 1)
+        _check_int(profile_rounds, "profile_rounds", 1)
+        _check_int(reprofile_every, "reprofile_every", 0)
         _check_int(context_len, "context_len", 0)
         buckets = list(batch_buckets)
         if not buckets or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in buckets) \
@@ -332,21 +354,27 @@ class AnalyticTable(_CostAware):
             raise ValueError(f"batch_buckets must be increasing positive ints, got {batch_buckets!r}")
         self.latency = latency
         self.profile_acceptance = profile_acceptance
-        self.profile_steps = profile_steps
+        self.profile_rounds = profile_rounds
+        self.reprofile_every = reprofile_every
         self.batch_buckets = batch_buckets
         self.context_len = context_len
         self._positions = _PositionCounts() if profile_acceptance is None else None
-        self._profiled_steps = 0
-        self._l: np.ndarray | None = None  # frozen l(s), s = 0..len-1, once profiled
+        self._profiling = profile_acceptance is None
+        self._profiled_rounds = 0
+        self._deployed_steps = 0
+        self._l: np.ndarray | None = None  # l(s), s = 0..len-1, from the last profiling phase
 
     @property
     def profiling(self) -> bool:
-        return self._positions is not None and self._l is None
+        """Whether the controller is in a profiling phase (every sequence drafts ``k_max``)."""
+        return self._profiling
 
     def _emitted(self, k: int) -> np.ndarray:
         if self.profile_acceptance is not None:
             return expected_emitted_vector(float(self.profile_acceptance), k)
-        assert self._l is not None
+        if self._l is None:
+            raise ValueError("the table is built after the profiling phase: "
+                             f"{self._profiled_rounds} of {self.profile_rounds} rounds profiled so far")
         if self._l.size <= k:  # k_max grew after profiling: positions never measured add nothing
             return np.concatenate([self._l, np.full(k + 1 - self._l.size, self._l[-1])])
         return self._l[: k + 1]
@@ -365,7 +393,10 @@ class AnalyticTable(_CostAware):
         return s
 
     def table(self, k_max: int = 8) -> list[list[int]]:
-        """The deployed table, ``[[lo, hi, s], ...]`` (inclusive batch-size ranges), vLLM style."""
+        """The deployed table, ``[[lo, hi, s], ...]`` (inclusive batch-size ranges), vLLM style.
+
+        Raises ``ValueError`` before the first profiling phase has ended.
+        """
         buckets = [int(b) for b in self.batch_buckets]
         bounds = [1] + [int(math.floor(math.sqrt(a * b))) + 1 for a, b in zip(buckets, buckets[1:], strict=False)]
         his = [lo - 1 for lo in bounds[1:]] + [max(buckets[-1], bounds[-1])]
@@ -377,17 +408,30 @@ class AnalyticTable(_CostAware):
             self._ctx_bucket(context.context_lens)  # remembered for online cost learning
         if not batch or k_max == 0:
             return Decision(np.zeros(batch, dtype=np.int64))
-        if self.profiling:
+        if self._profiling:
             return Decision(np.full(batch, k_max, dtype=np.int64))
         return Decision(np.full(batch, self.bucket_length(batch, k_max), dtype=np.int64))
 
     def _update(self, feedback: Feedback) -> None:
         self._learn_costs(feedback)
-        if self.profiling and self._positions.observe(feedback.num_draft_tokens, feedback.num_accepted_tokens):
-            self._profiled_steps += 1
-            if self._profiled_steps >= self.profile_steps:
-                self._l = self._positions.expected_emitted(self._positions.reached.size - 1)
-                self._scratch.clear()
+        positions = self._positions
+        if positions is None:
+            return
+        if self._profiling:
+            if positions.observe(feedback.num_draft_tokens, feedback.num_accepted_tokens):
+                self._profiled_rounds += int(np.count_nonzero(feedback.num_draft_tokens))
+                if self._profiled_rounds >= self.profile_rounds:
+                    self._l = positions.expected_emitted(positions.reached.size - 1)
+                    self._profiling = False
+                    self._deployed_steps = 0
+                    self._scratch.clear()
+        elif self.reprofile_every:
+            self._deployed_steps += 1
+            if self._deployed_steps >= self.reprofile_every:
+                # a fresh profiling phase from zero counts; the old l(s) serves table() meanwhile
+                self._positions = _PositionCounts()
+                self._profiling = True
+                self._profiled_rounds = 0
 
 
 @register("analytic")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from adaptk.registry import register
 from adaptk.types import Decision, Feedback, StepContext
 
 __all__ = ["DSDE", "wvir", "dsl_step"]
+
+#: ``exp`` overflows above ~709; ``2·D̄`` is clipped below that (the product is ``> 1`` long before).
+_MAX_EXPONENT = 700.0
 
 
 def _weighted_variance(values: np.ndarray, weights: np.ndarray) -> float:
@@ -57,12 +61,25 @@ def dsl_step(wvir_value: float, mean_kl: float, k_min: int, k_max: int, temperat
     20
     >>> dsl_step(0.5, 0.2, 6, 20)   # SF = e^0.4 − 1 = 0.4918; 14·(1 − 0.2459) + 6 = 16.56
     17
+    >>> dsl_step(0.3, 11.7, 1, 4)   # a poorly matched drafter: KL ≈ 12 nats, SF ≈ e^23
+    1
     """
     d = mean_kl if abs(temperature) < 1e-8 else mean_kl / (temperature + 1e-8)
-    product = wvir_value * (math.exp(2.0 * d) - 1.0)
+    product = wvir_value * math.expm1(min(2.0 * d, _MAX_EXPONENT))
     if product <= 1.0:
         return max(k_min, math.ceil((k_max - k_min) * (1.0 - product) + k_min))
     return k_min
+
+
+@functools.lru_cache(maxsize=8)
+def _constants(decay: float, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(arange(window), decay**age, cumsum(decay**age))`` — read-only, shared by instances."""
+    cols = np.arange(window)
+    pw = decay ** np.arange(window, dtype=np.float64)
+    cum = np.cumsum(pw)
+    for array in (cols, pw, cum):
+        array.flags.writeable = False
+    return cols, pw, cum
 
 
 @register("dsde")
@@ -72,43 +89,77 @@ class DSDE(SpeculationController):
     Per sequence ``i`` [code, DSDE fork]:
 
     * **History**: the KL(target ‖ draft) of every drafted position is appended to a window of the
-      last ``window`` (100) values.
-    * **Warm-up** until ``warmup_tokens`` (100) tokens were drafted for the sequence: start at
-      ``initial_k`` (default ``k_min``); after a fully accepted round ``k ← min(2k, k_max)``,
-      otherwise ``k`` stays (``max(k, k_min)``). The accepted counts and KL values seen are kept.
+      last ``window`` values.
+    * **Warm-up** until ``warmup_tokens`` tokens were drafted for the sequence: start at
+      ``initial_k`` (default ``k_min``); after a fully accepted round (``accepted >= k``)
+      ``k ← min(2k, k_max)`` (``1`` from ``k = 0``), otherwise ``k`` stays (``max(k, k_min)``). The
+      accepted counts and KL values of the rounds started before the threshold are kept.
     * **Bounds** when the warm-up ends: ``k_max_i = clip(round(max_acc·(1 + 0.5·mean_KL/max_KL)),
       k_min, k_max)`` and ``k_min_i = clip(ceil(0.1·k_max_i), k_min, k_max_i)`` (``max_KL = 0`` or
       no KL counts as 1; no rounds at all keeps ``[k_min, k_max]``).
     * **Length** after each later round: ``k_i = dsl_step(WVIR(history), D̄, k_min_i, k_max_i)`` with
-      ``D̄`` = the round's summed KL / tokens drafted (see :func:`wvir`, :func:`dsl_step`).
+      ``D̄`` = the round's summed KL / tokens drafted (see :func:`wvir`, :func:`dsl_step`). A round
+      that drafted nothing has ``D̄ = 0``, so ``k_i = k_max_i`` (as in the fork).
     * **Anti-straggler cap** at decide time: ``SL_cap = ceil(mean of k_i over the batch's
       post-warm-up sequences)`` and ``k_i ← min(k_i, SL_cap)`` for them (``sl_cap=False`` disables).
 
-    Finally every length is clipped to the engine's ``k_max`` (so the defaults ``[6, 20]`` shrink
-    to ``[min(6, k_max), k_max]``).
+    Finally every length is clipped to the engine's ``k_max``.
+
+    **Defaults.** The fork's ``KLScheduler`` defaults are used for the history: the warm-up ends when
+    30 KL values are held and the same 30 is the history's length (``dsl_activation_tokens=30``
+    sets both there). Its engine configuration raises both to 100 and floors every length at
+    ``min_spec_tokens=6``; with that floor the per-request bounds are clipped up to 6 and DSDE can
+    never draft fewer than 6 tokens, however often the first drafted token is rejected. The
+    default ``k_min`` here is 1, so the paper's own per-request floor ``ceil(0.1·k_max_i)`` is what
+    bounds the length: when rejections come early, ``max_acc`` is small, ``k_max_i`` is small and a
+    high, unstable KL sends ``k_i`` to ``k_min_i`` (usually 1). It is not 0: DSDE's only signal is
+    the KL of drafted tokens, and a sequence that drafts nothing learns nothing. The warm-up never
+    shrinks ``k`` (it only doubles on full acceptance), so a shorter warm-up is also a shorter
+    stretch of unadapted drafting. ``DSDE(k_min=6, window=100, warmup_tokens=100)`` is the fork's
+    engine configuration.
 
     **Without KL** (``Feedback.kl_divergences is None``, e.g. prompt lookup has no draft
-    distribution) the controller behaves as DSDE would with zero KL: the history stays empty, so
-    ``WVIR = 0`` and ``k_i = k_max_i`` — acceptance-only behaviour where the warm-up doubling finds
-    the largest accepted run and that run (clipped to ``[k_min, k_max]``) becomes the sequence's
-    length, still subject to the batch cap.
+    distribution) the controller behaves as DSDE would with zero KL: ``D̄ = 0``, so
+    ``k_i = k_max_i`` — acceptance-only behaviour where the warm-up doubling finds the largest
+    accepted run and that run (clipped to ``[k_min, k_max]``) becomes the sequence's length, still
+    subject to the batch cap.
 
-    Cost: one vectorised pass over the ``(live sequences, window)`` history matrix per update.
+    Per-step cost (decide + update at batch 64, median, ``benchmarks/bench_overhead.py``, where
+    ``fixed`` takes 24 µs building and checking the records): 31 µs in that benchmark, which sends
+    no KL. With a KL matrix in every feedback (the benchmark's stream plus ``kl_divergences``;
+    ``fixed`` 33 µs there) it is about 91 µs at ``window=30`` and 105 µs at ``window=100``: about
+    11 µs of that is the base class checking the KL matrix, the rest is DSDE's own work, which is
+    proportional to the history — shifting every sequence's KL window by the round's values (one
+    gather) and its two weighted variances (one matrix product with a ``(window, 2)`` weight
+    matrix), plus about 20 small array operations whose fixed cost dominates at this size. Rows
+    are found through a cache of the last batch's ids; WVIR is computed only for the sequences
+    that drafted this step (for the others ``D̄ = 0`` makes it irrelevant).
 
-    Cost per step: about 140 µs for decide + update at batch 64 (``benchmarks/bench_overhead.py``),
-    over the 50 µs target: the weighted variances run over every request's 100-value KL window each
-    step, as the rule requires.
+    >>> from adaptk import StepContext, Feedback
+    >>> c = DSDE(initial_k=4, warmup_tokens=8)
+    >>> lengths = []
+    >>> for step in range(4):   # the first drafted token is always rejected, KL about 10 nats
+    ...     k = int(c.decide(StepContext(step=step, seq_ids=[7], context_lens=[10], k_max=8)).num_draft_tokens[0])
+    ...     lengths.append(k)
+    ...     c.update(Feedback(seq_ids=[7], num_draft_tokens=[k], num_accepted_tokens=[0],
+    ...                       kl_divergences=[[9.0, 12.0, 8.0, 11.0][:k]]))
+    >>> lengths                 # warm-up (8 tokens) at 4, then k_max_7 = round(max accepted 0) -> 1
+    [4, 4, 1, 1]
     """
 
     required_signals = frozenset({"kl_divergences"})
+    #: Derived from the saved state (the last batch's ids and their rows): never saved.
+    _TRANSIENT = ("_ids_cache", "_rows_cache", "_gather_base")
+    _ROW_ARRAYS = ("_hist", "_count", "_k", "_drafted", "_ready", "_kmin_i", "_kmax_i",
+                   "_warm_rounds", "_warm_max_acc", "_warm_kl_sum", "_warm_kl_n", "_warm_kl_max")
 
     def __init__(
         self,
-        k_min: int = 6,
+        k_min: int = 1,
         k_max: int = 20,
         initial_k: int | None = None,
-        window: int = 100,
-        warmup_tokens: int = 100,
+        window: int = 30,
+        warmup_tokens: int = 30,
         decay: float = 0.9,
         temperature: float = 0.0,
         sl_cap: bool = True,
@@ -144,18 +195,35 @@ class DSDE(SpeculationController):
         self._warm_kl_sum = np.zeros(rows)
         self._warm_kl_n = np.zeros(rows, dtype=np.int64)
         self._warm_kl_max = np.zeros(rows)
+        self._not_full = 0  # live rows whose KL window is not full yet (0: every window is full)
+        self._ids_cache: np.ndarray | None = None
+        self._rows_cache: np.ndarray | None = None
+        self._gather_base: dict[tuple[int, int], np.ndarray] = {}  # index grids of the history shift
+
+    # -- state -----------------------------------------------------------------------------------
+    def _state_attrs(self) -> list[str]:
+        return [a for a in super()._state_attrs() if a not in self._TRANSIENT]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._ids_cache = self._rows_cache = None
 
     # -- rows ------------------------------------------------------------------------------------
-    _ROW_ARRAYS = ("_hist", "_count", "_k", "_drafted", "_ready", "_kmin_i", "_kmax_i",
-                   "_warm_rounds", "_warm_max_acc", "_warm_kl_sum", "_warm_kl_n", "_warm_kl_max")
-
-    def _rows(self, seq_ids: list[int]) -> np.ndarray:
+    def _rows(self, seq_ids: np.ndarray) -> np.ndarray:
+        """Row of every sequence (new rows for new ids). The engine sends the same batch to
+        ``decide`` and ``update`` and mostly the same batch step after step, so the last answer is
+        reused when the ids are unchanged (an array comparison instead of a dict lookup per id)."""
+        cached = self._ids_cache
+        if cached is not None and cached.shape == seq_ids.shape and (cached == seq_ids).all():
+            return self._rows_cache  # type: ignore[return-value]
         slot = self._slot
-        if any(s not in slot for s in seq_ids):
-            for s in seq_ids:
-                if s not in slot:
-                    slot[s] = self._new_row()
-        return np.fromiter((slot[s] for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+        ids = seq_ids.tolist()
+        for s in ids:
+            if s not in slot:
+                slot[s] = self._new_row()
+        rows = np.array([slot[s] for s in ids], dtype=np.int64)
+        self._ids_cache, self._rows_cache = seq_ids.copy(), rows
+        return rows
 
     def _new_row(self) -> int:
         if not self._free:
@@ -169,6 +237,7 @@ class DSDE(SpeculationController):
         row = self._free.pop()
         for name in self._ROW_ARRAYS:
             getattr(self, name)[row] = 0
+        self._not_full += 1
         self._k[row] = self.k_min if self.initial_k is None else self.initial_k
         if self.warmup_tokens == 0:
             self._finish_warmup(np.array([row]))
@@ -178,23 +247,35 @@ class DSDE(SpeculationController):
         row = self._slot.pop(seq_id, None)
         if row is not None:
             self._free.append(row)
+            if self._count[row] < self.window:
+                self._not_full -= 1
+            self._ids_cache = self._rows_cache = None  # the row may be reused by another id
 
     # -- policy ----------------------------------------------------------------------------------
     def _decide(self, context: StepContext) -> Decision:
-        rows = self._rows(context.seq_ids.tolist())
-        k = self._k[rows].copy()
-        ready = self._ready[rows]
+        n = len(context.seq_ids)
+        if not n:
+            return Decision(np.zeros(0, dtype=np.int64), info={"sl_cap": None})
+        rows = self._rows(context.seq_ids)
+        k = self._k[rows]  # a copy (fancy indexing)
         cap = None
-        if self.sl_cap and ready.any():
-            cap = math.ceil(float(k[ready].mean()))
-            k[ready] = np.minimum(k[ready], cap)
-        return Decision(np.clip(k, 0, context.k_max), info={"sl_cap": cap})
+        if self.sl_cap:
+            ready = self._ready[rows]
+            if ready.all():
+                cap = -(-int(k.sum()) // n)  # ceil of the mean, in integers
+                np.minimum(k, cap, out=k)
+            elif ready.any():
+                capped = k[ready]
+                cap = -(-int(capped.sum()) // len(capped))
+                k[ready] = np.minimum(capped, cap)
+        np.minimum(k, context.k_max, out=k)
+        return Decision(k, info={"sl_cap": cap})
 
     def _finish_warmup(self, rows: np.ndarray) -> None:
         kl_max = np.where(self._warm_kl_max[rows] > 0, self._warm_kl_max[rows], 1.0)
         kl_mean = np.where(self._warm_kl_n[rows] > 0, self._warm_kl_sum[rows] / np.maximum(self._warm_kl_n[rows], 1), 0.0)
         raw = self._warm_max_acc[rows] * (1.0 + 0.5 * kl_mean / kl_max)
-        kmax_i = np.array([round(x) for x in raw.tolist()], dtype=np.int64)  # Python round, as the reference
+        kmax_i = np.rint(raw).astype(np.int64)  # half to even, as the reference's Python round()
         kmax_i = np.minimum(self.k_max, np.maximum(self.k_min, kmax_i))
         kmin_i = np.minimum(kmax_i, np.maximum(self.k_min, np.ceil(0.1 * kmax_i).astype(np.int64)))
         none = self._warm_rounds[rows] == 0
@@ -202,97 +283,159 @@ class DSDE(SpeculationController):
         self._kmin_i[rows] = np.where(none, self.k_min, kmin_i)
         self._ready[rows] = True
 
+    def _push(self, rows: np.ndarray, drafted: np.ndarray, kl: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Put each row's ``drafted[i]`` new KL values in front of its history, newest first.
+
+        With ``cat = [kl reversed | old history]`` (``width + window`` columns), the new history
+        is ``cat[width − m + c]`` for column ``c`` (``m`` = values drafted): one gather per step.
+        Returns the new histories of ``rows`` and their value counts (``None`` when every live
+        window is full, the usual case: counts then stay at ``window``).
+        """
+        n, width = kl.shape
+        w = self.window
+        cat = np.concatenate([kl[:, ::-1], self._hist[rows]], axis=1)
+        base = self._gather_base.get((n, width))
+        if base is None:
+            if len(self._gather_base) >= 32:  # batch sizes and widths vary: keep the recent few
+                self._gather_base.clear()
+            base = self._gather_base[(n, width)] = (np.arange(n) * (width + w))[:, None] + _constants(self.decay, w)[0]
+        hist = np.take(cat, base + (width - drafted)[:, None])
+        self._hist[rows] = hist
+        if not self._not_full:
+            return hist, None
+        before = self._count[rows]
+        count = before + drafted
+        np.minimum(count, w, out=count)
+        self._count[rows] = count
+        self._not_full -= int(np.count_nonzero((before < w) & (count >= w)))
+        return hist, count
+
     def _update(self, feedback: Feedback) -> None:
-        if not len(feedback.seq_ids):
+        n = len(feedback.seq_ids)
+        if not n:
             return
-        rows = self._rows(feedback.seq_ids.tolist())
+        rows = self._rows(feedback.seq_ids)
         drafted = feedback.num_draft_tokens
         accepted = feedback.num_accepted_tokens
-        kl = feedback.kl_divergences
         width = int(drafted.max())
-        if kl is not None and width:
-            kl = kl[:, :width]
-            valid = np.arange(width)[None, :] < drafted[:, None]
-            kl_step = np.where(valid, kl, 0.0)
-            kl_sum = kl_step.sum(axis=1)
-            kl_max_step = kl_step.max(axis=1)
-            # shift each row right by its m new values and put them in front, newest first:
-            # new column c holds kl[m - 1 - c] for c < m, else old column c - m
-            w = self.window
-            cols = np.arange(w)[None, :]
-            m = drafted[:, None]
-            old = np.take_along_axis(self._hist[rows], np.clip(cols - m, 0, w - 1), axis=1)
-            fresh = np.take_along_axis(kl_step, np.clip(m - 1 - cols, 0, width - 1), axis=1)
-            self._hist[rows] = np.where(cols < m, fresh, old)
-            self._count[rows] = np.minimum(self._count[rows] + drafted, w)
-        else:
-            kl_sum = np.zeros(len(rows))
-            kl_max_step = np.zeros(len(rows))
-        has_kl = kl is not None
+        kl = feedback.kl_divergences
+        has_kl = kl is not None and width > 0
+        if has_kl:
+            cols = _constants(self.decay, self.window)[0]
+            valid = (cols[:width] if width <= self.window else np.arange(width)) < drafted[:, None]
+            kl = np.where(valid, kl[:, :width], 0.0)  # entries past a row's drafts are ignored (NaN)
+            kl_sum = kl.sum(axis=1)
+            hist, count = self._push(rows, drafted, kl)
 
-        # warm-up (rounds started before the sequence reached warmup_tokens drafted tokens)
-        warming = ~self._ready[rows] & (self._drafted[rows] < self.warmup_tokens)
+        ready = self._ready[rows]
+        every = bool(ready.all())
+        if not every:
+            self._warm_up(rows, ready, drafted, accepted, kl if has_kl else None)
+            self._drafted[rows] += drafted  # only warming sequences read it
+            ready = self._ready[rows]
+            if not ready.any():
+                return
+
+        # post-warm-up length rule
+        rr = rows if every else rows[ready]
+        kmin_i, kmax_i = self._kmin_i[rr], self._kmax_i[rr]
+        if not has_kl:
+            self._k[rr] = kmax_i  # D̄ = 0: SF = 0, so WVIR·SF = 0 and k = k_max_i
+            return
+        d, sums = (drafted, kl_sum) if every else (drafted[ready], kl_sum[ready])
+        live = d > 0
+        if every and live.all():
+            # the usual step: WVIR straight from the histories just built
+            product = self._wvir(hist, count) * self._scale(sums, d)
+        else:
+            # a round that drafted nothing has D̄ = 0, hence product 0 whatever its WVIR
+            product = np.zeros(len(rr))
+            if live.any():
+                lr = rr[live]
+                product[live] = self._wvir(self._hist[lr], self._count[lr]) * self._scale(sums[live], d[live])
+        # ceil((k_max_i − k_min_i)(1 − WVIR·SF) + k_min_i) if WVIR·SF <= 1, else k_min_i (the same
+        # expression with 1 − WVIR·SF floored at 0)
+        one_minus = 1.0 - product
+        np.maximum(one_minus, 0.0, out=one_minus)
+        self._k[rr] = np.ceil((kmax_i - kmin_i) * one_minus + kmin_i)
+
+    def _scale(self, kl_sums: np.ndarray, drafted: np.ndarray) -> np.ndarray:
+        """``SF = exp(2·D̄) − 1`` with ``D̄`` the mean KL of the round (over the temperature)."""
+        mean_kl = kl_sums / drafted
+        if abs(self.temperature) >= 1e-8:
+            mean_kl = mean_kl / (self.temperature + 1e-8)
+        return np.expm1(np.minimum(2.0 * mean_kl, _MAX_EXPONENT))
+
+    def _warm_up(self, rows: np.ndarray, ready: np.ndarray, drafted: np.ndarray, accepted: np.ndarray,
+                 kl: np.ndarray | None) -> None:
+        """Warm-up for the rounds started before the sequence reached ``warmup_tokens`` drafted."""
+        warming = ~ready & (self._drafted[rows] < self.warmup_tokens)
         if warming.any():
             wr = rows[warming]
             d, a = drafted[warming], accepted[warming]
             self._warm_rounds[wr] += 1
             self._warm_max_acc[wr] = np.maximum(self._warm_max_acc[wr], a)
-            if has_kl:
-                self._warm_kl_sum[wr] += kl_sum[warming]
+            if kl is not None:
+                self._warm_kl_sum[wr] += kl[warming].sum(axis=1)
                 self._warm_kl_n[wr] += d
-                self._warm_kl_max[wr] = np.maximum(self._warm_kl_max[wr], kl_max_step[warming])
+                self._warm_kl_max[wr] = np.maximum(self._warm_kl_max[wr], kl[warming].max(axis=1))
             k = self._k[wr]
-            full = (a >= k) & (d > 0)
+            full = a >= k  # the fork's test: a round that proposed 0 counts as full, so k = 0 grows to 1
             self._k[wr] = np.where(full, np.minimum(np.where(k > 0, 2 * k, 1), self.k_max), np.maximum(k, self.k_min))
-        self._drafted[rows] += drafted
-        finishing = ~self._ready[rows] & (self._drafted[rows] >= self.warmup_tokens)
+        finishing = ~ready & (self._drafted[rows] + drafted >= self.warmup_tokens)
         if finishing.any():
             self._finish_warmup(rows[finishing])
 
-        # post-warm-up length rule
-        ready = self._ready[rows]
-        if not ready.any():
-            return
-        rr = rows[ready]
-        ratio = self._wvir_rows(rr)
-        d = drafted[ready]
-        mean_kl = np.where(d > 0, kl_sum[ready] / np.maximum(d, 1), 0.0)
-        if abs(self.temperature) >= 1e-8:
-            mean_kl = mean_kl / (self.temperature + 1e-8)
-        product = ratio * np.expm1(2.0 * mean_kl)
-        kmin_i, kmax_i = self._kmin_i[rr], self._kmax_i[rr]
-        sl_hat = np.ceil((kmax_i - kmin_i) * (1.0 - product) + kmin_i).astype(np.int64)
-        self._k[rr] = np.where(product <= 1.0, np.maximum(kmin_i, sl_hat), kmin_i)
-
     def _wvir_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Vectorised :func:`wvir` over the histories of ``rows``.
+        """Vectorised :func:`wvir` over the histories of ``rows``."""
+        return self._wvir(self._hist[rows], self._count[rows])
+
+    def _wvir(self, hist: np.ndarray, count: np.ndarray | None) -> np.ndarray:
+        """Vectorised :func:`wvir` of histories ``hist`` (newest first) holding ``count`` values
+        (``None``: every window full).
 
         Weighted sums are taken on values shifted by each row's newest value (exact zeros for a
-        constant window, no cancellation), the long window by a matrix-vector product with the
-        weight vector, the short one (``s <= window // 3`` newest values) by a cumulative sum.
+        constant window, no cancellation). When every window is full (the usual case: the
+        warm-up lasts as many values as the window holds) one product with a ``(window, 2)``
+        weight matrix gives the long and the short window's sums; otherwise the weights are
+        masked per row.
         """
         w = self.window
-        pw, cum_pw = _powers(self.decay, w)
-        n = self._count[rows]
-        x = self._hist[rows]
-        x = np.where(np.arange(w)[None, :] < n[:, None], x - x[:, :1], 0.0)
+        cols, pw, cum_pw = _constants(self.decay, w)
+        if count is None or bool((count >= w).all()):
+            n = len(hist)
+            x = np.empty((2 * n, w))
+            np.subtract(hist, hist[:, :1], out=x[:n])
+            np.multiply(x[:n], x[:n], out=x[n:])
+            # rows [x; x²] × columns [long, short]: weighted means (the weights sum to 1 per column)
+            means = np.dot(x, _full_window_weights(self.decay, w))
+            mean = means[:n]
+            var = means[n:] - mean * mean
+            long_var, short_var = var[:, 0], var[:, 1]
+            small = long_var < 1e-6
+            return np.where(small, 20.0, np.maximum(short_var, 0.0) / np.where(small, 1.0, long_var))
+        n = count
+        x = np.where(cols < n[:, None], hist - hist[:, :1], 0.0)
         x2 = x * x
-        idx = np.arange(len(rows))
         s0 = cum_pw[np.maximum(n, 1) - 1]
         m1 = (x @ pw) / s0
-        long_var = (x2 @ pw) / s0 - m1 * m1
+        long_var = np.maximum((x2 @ pw) / s0 - m1 * m1, 0.0)
+        width = max(1, w // 3)  # s = max(1, n // 3) <= width
         s = np.maximum(1, n // 3)
-        width = max(1, w // 3)
-        c1 = np.cumsum(x[:, :width] * pw[:width], axis=1)[idx, s - 1]
-        c2 = np.cumsum(x2[:, :width] * pw[:width], axis=1)[idx, s - 1]
+        ps = np.where(cols[:width] < s[:, None], pw[:width], 0.0)
         ss0 = cum_pw[s - 1]
+        c1, c2 = (x[:, :width] * ps).sum(axis=1), (x2[:, :width] * ps).sum(axis=1)
         short_var = np.maximum(c2 / ss0 - (c1 / ss0) ** 2, 0.0)
-        long_var = np.maximum(long_var, 0.0)
-        ratio = np.where(long_var < 1e-6, 20.0, short_var / np.where(long_var < 1e-6, 1.0, long_var))
+        small = long_var < 1e-6
+        ratio = np.where(small, 20.0, short_var / np.where(small, 1.0, long_var))
         return np.where(n < 2, 0.0, ratio)
 
 
 @functools.lru_cache(maxsize=8)
-def _powers(decay: float, window: int) -> tuple[np.ndarray, np.ndarray]:
-    pw = decay ** np.arange(window, dtype=np.float64)
-    return pw, np.cumsum(pw)
+def _full_window_weights(decay: float, window: int) -> np.ndarray:
+    """``(window, 2)`` normalised weights (``decay**age / Σ``) of the long and the short window of a full history."""
+    _, pw, cum = _constants(decay, window)
+    short = max(1, window // 3)
+    weights = np.stack([pw / cum[-1], np.where(np.arange(window) < short, pw / cum[short - 1], 0.0)], axis=1)
+    weights.flags.writeable = False
+    return weights
