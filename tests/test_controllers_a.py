@@ -78,7 +78,7 @@ def test_roc_threshold_hand_made():
 
 
 def test_confidence_learns_threshold_from_judged_positions():
-    c = Confidence(refit_every=1)
+    c = Confidence(refit_every=1, schedule="constant")  # HF 5.x's constant cap
     c.decide(ctx([1, 2, 3], k_max=3))
     nan = np.nan
     probs = np.array([[0.9, 0.8, 0.6],     # a=2: labels 1, 1, 0
@@ -102,7 +102,7 @@ def test_confidence_waits_for_both_classes():
 
 # -- AdaEDL -----------------------------------------------------------------------------------------
 def test_adaedl_lambda_update_by_hand():
-    c = AdaEDL()
+    c = AdaEDL(schedule="constant")  # the reference's constant cap
     lam, ar = 0.5, 0.0
     for _ in range(4):  # four fully accepted rounds at the cap k=4
         c.decide(ctx([1], k_max=4))
@@ -128,7 +128,7 @@ def test_adaedl_lambda_update_by_hand():
 
 # -- SpecDec++-like ---------------------------------------------------------------------------------
 def test_specdecpp_like_stops_on_cumulative_risk():
-    c = SpecDecPPLike()
+    c = SpecDecPPLike(acceptance_model="confidence", min_k=2)  # the reference's --bound 2 20
     assert c.decide(ctx([1, 2], k_max=30)).num_draft_tokens.tolist() == [20, 20]
     rule = c.stop_rule
     ids = np.array([1, 2])
@@ -177,7 +177,7 @@ def _dsde_round(c, ids, kls, accepted, k_max=32, step=0):
 
 
 def test_dsde_wvir_numbers_through_controller():
-    c = DSDE(warmup_tokens=0)
+    c = DSDE(k_min=6, warmup_tokens=0)  # the fork's engine floor (the default k_min is 1)
     _dsde_round(c, [1], [[0.0, 0.0, 0.0, 0.0]], [4])
     _dsde_round(c, [1], [[0.1, 0.3]], [1], step=1)
     # WVIR = 0.70224, D̄ = 0.2, SF = e^0.4 − 1 = 0.49182, product 0.34538: ceil(14·0.65462 + 6) = 16
@@ -187,7 +187,7 @@ def test_dsde_wvir_numbers_through_controller():
 
 
 def test_dsde_zero_wvir_gives_k_max_and_cap_is_ceil_of_batch_mean():
-    c = DSDE(warmup_tokens=0)
+    c = DSDE(k_min=6, warmup_tokens=0)  # the fork's engine floor (the default k_min is 1)
     # seq 1: constant recent KL (last s=1 value) → WVIR = 0 → k = k_max = 20
     # seq 2: WVIR ≈ 1.495, D̄ = 1, SF = e² − 1: product > 1 → k = k_min = 6
     _dsde_round(c, [1, 2], [[0.5, 0.1, 0.2], [0.0, 0.0, 0.0, 1.0]], [0, 0])
@@ -202,7 +202,7 @@ def test_dsde_zero_wvir_gives_k_max_and_cap_is_ceil_of_batch_mean():
 
 
 def test_dsde_warmup_doubling_and_bounds_without_kl():
-    c = DSDE(warmup_tokens=20)
+    c = DSDE(k_min=6, warmup_tokens=20)  # the fork's engine floor (the default k_min is 1)
     assert c.decide(ctx([1], k_max=32)).num_draft_tokens.tolist() == [6]
     c.update(Feedback(seq_ids=[1], num_draft_tokens=[6], num_accepted_tokens=[6]))
     assert c.decide(ctx([1], k_max=32, step=1)).num_draft_tokens.tolist() == [12]
@@ -216,7 +216,7 @@ def test_dsde_warmup_doubling_and_bounds_without_kl():
 
 
 def test_dsde_bounds_use_warmup_kl():
-    c = DSDE(warmup_tokens=4)
+    c = DSDE(k_min=6, warmup_tokens=4)  # the fork's engine floor (the default k_min is 1)
     _dsde_round(c, [1], [[0.2, 0.4, 0.6, 0.8, 0.0, 0.4]], [6])   # 6 drafted ≥ 4: warm-up ends
     # max accepted 6 · (1 + 0.5 · mean 0.4 / max 0.8) = 7.5 → round → 8 (banker's rounding), k_min_1 = 6
     assert (c._kmin_i[c._slot[1]], c._kmax_i[c._slot[1]]) == (6, 8)

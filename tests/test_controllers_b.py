@@ -83,7 +83,8 @@ def ctx(batch: int, k_max: int = 8, step: int = 0, length: int = 256) -> StepCon
 CONTROLLERS = [
     ("analytic-table", {}),
     ("analytic-table", {"latency": H100}),
-    ("analytic-table", {"latency": H100, "profile_acceptance": None, "profile_steps": 5}),
+    ("analytic-table", {"latency": H100, "profile_acceptance": 0.7}),
+    ("analytic-table", {"latency": H100, "profile_rounds": 10, "reprofile_every": 7}),
     ("analytic", {}),
     ("analytic", {"acceptance": "ewma", "probe_every": 0}),
     ("smartspec", {}),
@@ -94,7 +95,8 @@ CONTROLLERS = [
     ("dsd", {}),
     ("dsd", {"latency": H100}),
     ("sssd-budget", {}),
-    ("sssd-budget", {"latency": H100, "include_draft": True}),
+    ("sssd-budget", {"latency": H100, "draft_cost": "all"}),
+    ("sssd-budget", {"latency": H100, "draft_cost": "none"}),
     ("capped", {}),
     ("capped", {"inner": {"name": "gammatune-like"}, "cap": "goodput"}),
     ("capped", {"inner": '{"name": "smartspec", "params": {"redecide_every": 2}}', "cap": "goodput", "latency": H100}),
@@ -145,7 +147,10 @@ def test_best_fixed_k_falls_with_batch_and_analytic_follows(work, latency_name):
     k_small, _, best_small, _ = best_fixed(work, latency, small)
     k_large, _, best_large, _ = best_fixed(work, latency, large)
     assert k_large < k_small
-    for name, params, tolerance in [("analytic-table", {"latency": latency_name}, 0.97), ("analytic", {}, 0.85)]:
+    # the table from a profiling phase that measured the workload's mean acceptance (α ~ U(0.6, 0.9));
+    # a 32-round phase on a few sequences can read it far off (covered by the profiling tests)
+    table = {"latency": latency_name, "profile_acceptance": 0.75}
+    for name, params, tolerance in [("analytic-table", table, 0.97), ("analytic", {}, 0.85)]:
         lengths, ratios = [], []
         for batch, best in ((small, best_small), (large, best_large)):
             result = replay(adaptk.make(name, **params), work, latency, batch)
@@ -156,7 +161,7 @@ def test_best_fixed_k_falls_with_batch_and_analytic_follows(work, latency_name):
 
 
 def test_analytic_table_entries_fall_with_batch():
-    table = AnalyticTable(latency=H100).table(k_max=8)
+    table = AnalyticTable(latency=H100, profile_acceptance=0.7).table(k_max=8)
     lengths = [s for _, _, s in table]
     assert lengths[0] > lengths[-1]
     assert all(a >= b for a, b in zip(lengths, lengths[1:], strict=False))
@@ -172,7 +177,7 @@ def test_analytic_table_hand_computed_argmin():
 
 
 def test_analytic_table_profiles_acceptance_then_freezes():
-    c = AnalyticTable(latency=TableCost([1.0, 1.2, 1.6, 2.4]), profile_acceptance=None, profile_steps=2)
+    c = AnalyticTable(latency=TableCost([1.0, 1.2, 1.6, 2.4]), profile_acceptance=None, profile_rounds=4)
     for step in range(2):
         d = c.decide(ctx(2, k_max=3, step=step))
         assert d.num_draft_tokens.tolist() == [3, 3]  # profiling drafts k_max
@@ -274,7 +279,8 @@ def test_sssd_budget_on_hand_made_costs():
 
 
 def test_sssd_budget_shrinks_with_batch_on_h100():
-    c = SSSDBudget(latency=H100)
+    # SSSD's own drafter: n-gram lookup, whose once-per-step cost the budget does not charge
+    c = SSSDBudget(latency={"name": H100, "drafter": "prompt_lookup"})
     lengths = [int(c.decide(ctx(b, step=b)).num_draft_tokens[0]) for b in (1, 16, 64, 256)]
     assert lengths[0] == 8 and lengths[-1] == 0
     assert all(a >= b for a, b in zip(lengths, lengths[1:], strict=False))
