@@ -82,7 +82,7 @@ class AdaptK(SpeculationController):
     rate_weight
         EWMA weight of a sequence's own acceptance rate (feature).
 
-    Cost per step: about 100 µs for decide + update at batch 64 on this project's 2-core CPU
+    Cost per step: about 90 µs for decide + update at batch 64 on this project's 2-core CPU
     (``benchmarks/bench_overhead.py``), over the 50 µs target: it evaluates ~25 candidate
     allocations over a (batch × positions) survival matrix every step and rebuilds its smoothed
     table every 4 updates. That is well under 1% of a real step (≥ 30 ms on the CPU, ≥ 5 ms on an
@@ -128,15 +128,21 @@ class AdaptK(SpeculationController):
         self.exploration = exploration
         self.rate_weight = rate_weight
         cells = _NGRAM_BUCKETS * _HISTORY_STATES * _RATE_BUCKETS
+        # decayed counts are stored inflated by _count_scale (= decay^-updates): decaying them all is
+        # then one scalar multiply per update instead of two passes over the tables
         self._successes = np.zeros((cells, _WIDTH))
         self._trials = np.zeros((cells, _WIDTH))
+        self._count_scale = 1.0
         self._accept = np.full((cells, _WIDTH), prior_rate)  # smoothed, optimistic estimates per cell
         self._layer_matches: np.ndarray | None = None  # decayed shadow agreement per layer (early exit)
         self._layer_compared: np.ndarray | None = None
         # per-sequence state lives in slots so a step touches it with a few vectorised operations
         self._slot_of: dict[int, int] = {}
+        # the slots of the last batch seen: batches mostly repeat from one step to the next
+        self._cached_ids: np.ndarray | None = None
+        self._cached_slots = np.zeros(0, dtype=np.int64)
         self._free_slots: list[int] = []
-        self._history = np.zeros(0, dtype=np.int64)  # 0 new, 1 rejected at once, 2 partial, 3 full
+        self._history = np.zeros(0, dtype=np.int64)  # 0 new, 1 rejected at once, 2 partial, 3-5 full
         self._own_rate = np.zeros(0)  # EWMA of accepted / drafted, -1 = unknown
         self._run = np.zeros(0, dtype=np.int64)  # tokens accepted since the sequence's last rejection
         self._last_cell = np.zeros(0, dtype=np.int64)
@@ -172,7 +178,8 @@ class AdaptK(SpeculationController):
             self._cost = get_latency_model(self.latency, drafter=drafter)
 
     def _state_attrs(self) -> list[str]:
-        return [a for a in super()._state_attrs() if a != "_cost_cache"]  # a cache, rebuilt on demand
+        caches = {"_cost_cache", "_cached_ids", "_cached_slots"}  # rebuilt on demand
+        return [a for a in super()._state_attrs() if a not in caches]
 
     @property
     def _online(self) -> bool:
@@ -184,6 +191,7 @@ class AdaptK(SpeculationController):
         if isinstance(drafter, str) and self._cost is None:
             self._init_cost(drafter)
         super().load_state_dict(state)
+        self._cached_ids = None
 
     def _cost_tables(self, batch: int, context_lens: np.ndarray, exit_layer: int | None) -> tuple[np.ndarray, np.ndarray]:
         """``(verify, draft)`` seconds: verify by candidate index, draft by longest draft.
@@ -222,6 +230,19 @@ class AdaptK(SpeculationController):
         return verify[index] + draft[longest]
 
     # -- acceptance ------------------------------------------------------------------------------
+    def _slots_of(self, seq_ids: np.ndarray, allocate: bool = True) -> np.ndarray:
+        """Slot per sequence; the last batch's answer when the batch is the same."""
+        cached = self._cached_ids
+        if cached is not None and cached.shape == seq_ids.shape and np.array_equal(cached, seq_ids):
+            return self._cached_slots
+        ids = seq_ids.tolist()
+        if allocate:
+            slots = self._slots(ids)
+        else:
+            slots = np.fromiter(map(self._slot_of.__getitem__, ids), dtype=np.int64, count=len(ids))
+        self._cached_ids, self._cached_slots = seq_ids.copy(), slots
+        return slots
+
     def _slots(self, seq_ids: list[int]) -> np.ndarray:
         """Slot index per sequence, allocating slots for new sequences."""
         slot_of = self._slot_of
@@ -263,7 +284,7 @@ class AdaptK(SpeculationController):
         controller has not tried yet inherit a sensible, not an arbitrary, estimate.
         """
         m = self.prior_strength
-        s, n = self._successes, self._trials
+        s, n = self._successes / self._count_scale, self._trials / self._count_scale
         shape = (_NGRAM_BUCKETS, _HISTORY_STATES, _RATE_BUCKETS)
         s0, n0 = s[:, 0].reshape(shape), n[:, 0].reshape(shape)
         p_all = (s0.sum() + m * self.prior_rate) / (n0.sum() + m)
@@ -283,7 +304,7 @@ class AdaptK(SpeculationController):
     def _decide(self, context: StepContext) -> Decision:
         batch = len(context.seq_ids)
         width = min(context.k_max, _WIDTH)
-        slots = self._slots(context.seq_ids.tolist())
+        slots = self._slots_of(context.seq_ids)
         if batch == 0 or width == 0:
             self._last_cell[slots] = 0
             return Decision(np.zeros(batch, dtype=np.int64))
@@ -353,21 +374,23 @@ class AdaptK(SpeculationController):
         """
         self._refresh_acceptance()
         optimistic = self._accept.copy()
-        p, n = optimistic[:, 0], self._trials[:, 0] + self.prior_strength
+        p, n = optimistic[:, 0], self._trials[:, 0] / self._count_scale + self.prior_strength
         optimistic[:, 0] = np.clip(p + _PROBE_Z * np.sqrt(p * (1 - p) / n), 0.0, 0.999)
         return optimistic
 
     def _update(self, feedback: Feedback) -> None:
         drafted, accepted = feedback.num_draft_tokens, feedback.num_accepted_tokens
-        slots = np.fromiter(map(self._slot_of.__getitem__, feedback.seq_ids.tolist()), dtype=np.int64,
-                            count=len(feedback.seq_ids))
+        slots = self._slots_of(feedback.seq_ids, allocate=False)
         if self._cost is not None and len(slots) and feedback.verify_time_s > 0:
             if self._online:
                 self._cost.observe(len(slots), np.minimum(drafted, _WIDTH), self._last_context[slots],
                                    feedback.draft_time_s, feedback.verify_time_s, feedback.exit_layer)
             self._cost_observations += 1
-        self._successes *= self.decay
-        self._trials *= self.decay
+        self._count_scale /= self.decay
+        if self._count_scale > 1e150:  # fold the scale back in long before it could overflow
+            self._successes /= self._count_scale
+            self._trials /= self._count_scale
+            self._count_scale = 1.0
         if feedback.layer_matches is not None:
             if self._layer_compared is None or len(self._layer_compared) != feedback.layer_matches.shape[1]:
                 self._layer_matches = np.zeros(feedback.layer_matches.shape[1])
@@ -383,9 +406,8 @@ class AdaptK(SpeculationController):
         positions = np.arange(_WIDTH)[None, :]
         trials = (positions < d[:, None]) & (positions <= a[:, None])  # position j was drafted and reached
         flat = (self._last_cell[slots] * _WIDTH)[:, None] + positions
-        size = self._trials.size
-        self._trials += np.bincount(flat[trials], minlength=size).reshape(self._trials.shape)
-        self._successes += np.bincount(flat[positions < a[:, None]], minlength=size).reshape(self._trials.shape)
+        np.add.at(self._trials.reshape(-1), flat[trials], self._count_scale)
+        np.add.at(self._successes.reshape(-1), flat[positions < a[:, None]], self._count_scale)
         full = a == d
         run = np.where(full, self._run[slots] + a, 0)
         self._run[slots] = run
@@ -400,5 +422,6 @@ class AdaptK(SpeculationController):
 
     def _end_sequence(self, seq_id: int) -> None:
         slot = self._slot_of.pop(seq_id, None)
+        self._cached_ids = None
         if slot is not None:
             self._free_slots.append(slot)
