@@ -27,11 +27,10 @@ def test_every_registered_controller_conforms(name):
 
 
 def test_import_adaptk_stays_light():
-    code = ("import sys, time; t = time.perf_counter(); import adaptk; dt = time.perf_counter() - t; "
-            "print(dt, sorted(m for m in ('torch', 'transformers', 'vllm', 'sklearn') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
-    assert out[1].strip() == "[]", f"import adaptk pulled in {out[1]}"
-    assert float(out[0]) < 1.0
+    # heavy frameworks stay out of `import adaptk` (how long it takes is a benchmark's business)
+    code = "import sys, adaptk; print(sorted(m for m in ('torch', 'transformers', 'vllm', 'sklearn') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"import adaptk pulled in {out}"
 
 
 class _Leaky(SpeculationController):
