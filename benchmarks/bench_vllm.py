@@ -2,7 +2,7 @@
 
 Run in the vLLM environment (``bash scripts/install_vllm_env.sh``)::
 
-    nice -n 15 .venv-vllm/bin/python benchmarks/bench_vllm.py            # ~8 min on 2 idle cores
+    nice -n 15 .venv-vllm/bin/python benchmarks/bench_vllm.py --rounds 3 # ~9 min on 2 idle cores
     nice -n 15 .venv-vllm/bin/python benchmarks/bench_vllm.py --prompts-per-task 1 --max-tokens 64  # quicker
 
 What runs, side by side in one process (three in-process engines, built once):
@@ -21,6 +21,8 @@ every configuration produces the same tokens). Concurrency 1 sends one prompt at
 concurrency N sends all prompts to an engine that runs at most N at once (``max_num_seqs``).
 Configurations are interleaved (round-robin, order rotated every round) so slow drifts of the
 machine hit all alike; each cell reports total tokens / total seconds and the median over rounds.
+Each adaptk configuration keeps one controller across its runs at a concurrency (a serving engine
+keeps its controller running); ``--fresh-controllers`` builds a new one for every run instead.
 
 Results: ``benchmarks/results/vllm.json`` and a printed table.
 """
@@ -107,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-lookup-min", type=int, default=2)
     parser.add_argument("--prompt-lookup-max", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1, help="rounds at concurrency > 1")
+    parser.add_argument("--fresh-controllers", action="store_true",
+                        help="a new controller for every run (default: one per configuration and concurrency, "
+                             "kept across its runs, as in a server that keeps running)")
     parser.add_argument("--model", default=None, help="local model directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm.json"))
     args = parser.parse_args(argv)
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
+    import adaptk
     from adaptk.adapters import vllm as adapter
 
     adapter.allow_repeated_inprocess_engines()
@@ -174,10 +180,15 @@ def main(argv: list[str] | None = None) -> int:
 
     fallbacks: dict[str, str] = {}
 
+    kept: dict[str, object] = {}  # label -> the controller this configuration keeps across runs
+
     def run(config, batch: list[str], max_tokens: int = args.max_tokens) -> tuple[int, float]:
         label, engine_name, spec = config
         if spec is not None:
-            hook.set_controller(spec)
+            if args.fresh_controllers:
+                hook.set_controller(spec)
+            else:
+                hook.set_controller(kept.setdefault(label, adaptk.from_spec(spec)))
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         start = time.perf_counter()
         outputs = engines[engine_name].generate(batch, params, use_tqdm=False)
@@ -193,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
     t_bench = time.perf_counter()
     for concurrency in concurrencies:
+        kept.clear()  # each concurrency starts from untrained controllers, whatever ran before
         rounds = [[p] for p in prompts] if concurrency == 1 else [prompts] * args.rounds
         for r, batch in enumerate(rounds):
             order = configs[r % len(configs) :] + configs[: r % len(configs)]
@@ -238,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "vllm_table": table,
         "concurrency": concurrencies,
         "rounds_at_concurrency_gt1": args.rounds,
+        "controllers_kept_across_runs": not args.fresh_controllers,
         "notes": notes,
         "fell_back_to_fixed_k": fallbacks,
         "bench_seconds": round(time.perf_counter() - t_bench, 1),
