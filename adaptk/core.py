@@ -63,6 +63,10 @@ class SpeculationController(ABC):
     #: Any of ``draft_probs``, ``draft_entropies``, ``kl_divergences``, ``layer_agreement``.
     required_signals: ClassVar[frozenset[str]] = frozenset()
 
+    #: Private attributes that are caches derived from the learned state (rebuilt on demand):
+    #: left out of :meth:`state_dict`.
+    _TRANSIENT: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self) -> None:
         self._live_seq_ids: set[int] = set()
         self._k_max: int | None = None
@@ -161,7 +165,7 @@ class SpeculationController(ABC):
         return type(self)(**self.params())
 
     def _state_attrs(self) -> list[str]:
-        return sorted(k for k in vars(self) if k.startswith("_"))
+        return sorted(k for k in vars(self) if k.startswith("_") and k not in self._TRANSIENT)
 
     def state_dict(self) -> dict[str, Any]:
         """Learned state as a JSON-safe dict (data only; loading it runs no code)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -196,7 +196,7 @@ class _CostAware(SpeculationController):
     """
 
     #: Attributes that are derived caches or the static latency model: never saved.
-    _transient: ClassVar[tuple[str, ...]] = ("_model", "_cost_cache", "_scratch")
+    _TRANSIENT = ("_model", "_cost_cache", "_scratch")
     _OBSERVE_ALL_FIRST = 64
     _OBSERVE_EVERY = 16
     #: Acceptance-derived vectors are refreshed every this many steps that drafted.
@@ -213,9 +213,6 @@ class _CostAware(SpeculationController):
         self._scratch: dict[Any, Any] = {}
 
     # -- state -------------------------------------------------------------------------------
-    def _state_attrs(self) -> list[str]:
-        return [a for a in super()._state_attrs() if a not in self._transient]
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._clear_caches()

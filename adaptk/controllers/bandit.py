@@ -85,9 +85,6 @@ class _BatchBandit(SpeculationController):
 
     _TRANSIENT = ("_eligible",)
 
-    def _state_attrs(self) -> list[str]:
-        return [a for a in super()._state_attrs() if a not in self._TRANSIENT]
-
     # -- hooks -------------------------------------------------------------------------------------
     def _bucket(self, batch_size: int) -> int:
         return 0

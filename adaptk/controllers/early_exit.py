@@ -185,10 +185,6 @@ class DEL(SpeculationController):
         self._pending_samples = 0
         self._grid_cache: dict[Any, Any] = {}
 
-    # -- state -----------------------------------------------------------------------------------
-    def _state_attrs(self) -> list[str]:
-        return [a for a in super()._state_attrs() if a not in self._TRANSIENT]
-
     @property
     def stop_rule(self) -> StopRule:
         return _ThresholdStop(self)

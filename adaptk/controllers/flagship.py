@@ -104,6 +104,7 @@ class AdaptK(SpeculationController):
     """
 
     required_signals = frozenset({"layer_agreement"})
+    _TRANSIENT = ("_cost_cache", "_cached_ids", "_cached_slots")
 
     def __init__(
         self,
@@ -176,10 +177,6 @@ class AdaptK(SpeculationController):
             self._cost = get_latency_model(self.latency)
         else:
             self._cost = get_latency_model(self.latency, drafter=drafter)
-
-    def _state_attrs(self) -> list[str]:
-        caches = {"_cost_cache", "_cached_ids", "_cached_slots"}  # rebuilt on demand
-        return [a for a in super()._state_attrs() if a not in caches]
 
     @property
     def _online(self) -> bool:

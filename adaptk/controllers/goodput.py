@@ -318,7 +318,7 @@ class DynamicSD(_CostAware):
     """
 
     DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-    _transient = _CostAware._transient + ("_itl_cache",)
+    _TRANSIENT = _CostAware._TRANSIENT + ("_itl_cache",)
 
     def __init__(
         self,

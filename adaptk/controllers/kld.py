@@ -200,10 +200,6 @@ class DSDE(SpeculationController):
         self._rows_cache: np.ndarray | None = None
         self._gather_base: dict[tuple[int, int], np.ndarray] = {}  # index grids of the history shift
 
-    # -- state -----------------------------------------------------------------------------------
-    def _state_attrs(self) -> list[str]:
-        return [a for a in super()._state_attrs() if a not in self._TRANSIENT]
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._ids_cache = self._rows_cache = None
