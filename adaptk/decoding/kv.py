@@ -23,6 +23,8 @@ import time
 import torch
 from torch import nn
 
+from adaptk.decoding.allocator import retain_freed_memory
+
 __all__ = ["PositionCache", "ModelRunner", "check_supported"]
 
 Rows = slice | torch.Tensor  # a contiguous range of rows (views) or an index tensor (gathers)
@@ -93,6 +95,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module) -> None:
         check_supported(model)
+        retain_freed_memory()  # ~2x faster forwards on CPU; see adaptk.decoding.allocator
         self.model = model
         self.inner = model.model
         config = model.config
