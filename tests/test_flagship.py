@@ -85,3 +85,19 @@ def test_at_least_as_good_as_the_best_fixed_k_on_bundled_summarization(prompt_lo
     controller = build_controller("adaptk", cost_profile, drafter="prompt_lookup")
     result = replay(controller, work, latency, batch_size, num_requests=requests)
     assert result.token_goodput >= 0.995 * best.token_goodput
+
+
+@pytest.mark.parametrize("batch_size", [16, 64])
+def test_learns_online_that_a_packed_h100_batch_verifies_long_drafts_almost_free(prompt_lookup: TraceSet,
+                                                                                 batch_size: int) -> None:
+    # Under the online prior an extra token is dear at batch >= 8, so a cautious model that has only
+    # measured 1-2 tokens per row never learns otherwise; the optimistic packed model (what the vLLM
+    # adapter passes) tries longer verifies once and finds them nearly free on an H100.
+    work = Workload(prompt_lookup)
+    engine = get_latency_model("h100-llama3-8b", drafter="prompt_lookup", ragged="packed")
+    requests = max(120, 4 * batch_size)
+    _, _, best, _ = best_fixed(work, engine, batch_size, ks=[0, 1, 2, 4, 8, 16], num_requests=requests)
+    packed = adaptk.make("adaptk", latency={"name": "online", "ragged": "packed"})
+    cautious = adaptk.make("adaptk", latency={"name": "online", "ragged": "packed", "optimistic": False})
+    assert replay(packed, work, engine, batch_size, num_requests=requests).token_goodput >= 0.98 * best.token_goodput
+    assert replay(cautious, work, engine, batch_size, num_requests=requests).token_goodput < 0.9 * best.token_goodput

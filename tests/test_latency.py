@@ -263,6 +263,26 @@ def test_online_follows_drift_and_round_trips_state() -> None:
         model.observe(1, [1], [10], 0.0, float("nan"))
 
 
+def test_optimistic_online_prices_an_untried_longer_verify_like_the_longest_tried() -> None:
+    cautious, optimistic = OnlineLatency(ragged="packed"), OnlineLatency(ragged="packed", optimistic=True)
+    for model in (cautious, optimistic):
+        for k in (0, 1) * 20:  # an H100-like batch: 1 and 2 tokens per row cost the same
+            model.observe(8, [k] * 8, [600] * 8, 0.0005 * k, 0.0070)
+    def verify(model, k):
+        return model.predict_components(8, [k] * 8, [600] * 8)[1]
+
+    assert [verify(optimistic, k) for k in range(2, 9)] == pytest.approx([verify(optimistic, 1)] * 7)
+    assert all(verify(cautious, k) > 1.2 * verify(optimistic, k) for k in range(3, 9))
+    optimistic.observe(8, [8] * 8, [600] * 8, 0.004, 0.030)  # once tried, the measurement counts
+    assert verify(optimistic, 8) > 0.02
+
+
+def test_online_by_name_and_spec() -> None:
+    assert isinstance(get_latency_model("online"), OnlineLatency)
+    model = get_latency_model({"name": "online", "ragged": "packed", "optimistic": True}, drafter="prompt_lookup")
+    assert model.ragged == "packed" and model.optimistic
+
+
 # -- lookup and input validation --------------------------------------------------------------------
 def test_get_latency_model_lookup(tmp_path) -> None:
     assert isinstance(get_latency_model("h100-llama3-8b"), RooflineLatency)

@@ -137,6 +137,22 @@ def test_controller_instance_becomes_spec():
     assert spec == {"name": "hf-heuristic", "params": {"initial_k": 3, "carry_over": False}}
 
 
+@pytest.mark.parametrize("name", ["adaptk", "smartspec", "dsd", "sssd-budget", "analytic-table"])
+def test_online_costs_are_priced_as_vllm_packs_a_step(name):
+    spec = adapter.engine_kwargs(name)["additional_config"]["adaptk"]["controller"]
+    assert spec["params"]["latency"] == {"name": "online", "ragged": "packed"}
+    controller = adaptk.from_spec(spec)
+    controller.decide(adaptk.StepContext(step=0, seq_ids=[1, 2], context_lens=[10, 20], k_max=4))
+    model = controller._cost if name == "adaptk" else controller.latency_model()
+    assert model.ragged == "packed"
+
+
+def test_given_cost_models_are_left_alone():
+    kw = adapter.engine_kwargs("adaptk", controller_params={"latency": "h100-llama3-8b"})
+    assert kw["additional_config"]["adaptk"]["controller"]["params"] == {"latency": "h100-llama3-8b"}
+    assert adapter.engine_kwargs("fixed")["additional_config"]["adaptk"]["controller"]["params"] == {}
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

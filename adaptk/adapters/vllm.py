@@ -43,6 +43,7 @@ so :func:`engine_kwargs` and :func:`serve_args` work without vLLM installed.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ import numpy as np
 
 from adaptk.core import SpeculationController
 from adaptk.guard import ControllerFallbackWarning, GuardedController
-from adaptk.registry import from_spec
+from adaptk.registry import from_spec, get_class
 from adaptk.types import Feedback, StepContext
 
 __all__ = [
@@ -143,11 +144,39 @@ def _capture_schedule(k_max: int) -> list[list[int]]:
     return [[k + 1, k + 1, k] for k in range(k_max + 1)]
 
 
+#: What a controller that learns its costs online is told to learn inside vLLM.
+PACKED_ONLINE_LATENCY = {"name": "online", "ragged": "packed"}
+
+
+def price_packed(spec: dict) -> dict:
+    """The spec with costs learned online priced by total tokens, as vLLM runs a step.
+
+    vLLM packs every request's tokens into one forward, so a step costs what its total token count
+    costs. A controller that learns its costs online (``latency`` left at ``None`` or
+    ``"online"``) otherwise prices a step like a padded batch, by its longest draft: it then
+    reads cheap steps in which one request drafted long as "long drafts are cheap for every
+    request", and over-drafts at concurrency. Any other ``latency`` is left as given.
+
+    >>> price_packed({"name": "adaptk", "params": {}})["params"]["latency"]
+    {'name': 'online', 'ragged': 'packed'}
+    >>> price_packed({"name": "adaptk", "params": {"latency": "h100-llama3-8b"}})["params"]["latency"]
+    'h100-llama3-8b'
+    >>> price_packed({"name": "fixed", "params": {"k": 2}})
+    {'name': 'fixed', 'params': {'k': 2}}
+    """
+    params = spec.get("params", {})
+    if "latency" not in inspect.signature(get_class(spec["name"])).parameters:
+        return spec
+    if params.get("latency") not in (None, "online"):
+        return spec
+    return {"name": spec["name"], "params": {**params, "latency": dict(PACKED_ONLINE_LATENCY)}}
+
+
 def _adaptk_config(controller: Any, controller_params: dict | None, fallback_k: int, k_max: int) -> dict:
     if isinstance(fallback_k, bool) or not isinstance(fallback_k, int) or fallback_k < 0:
         raise ValueError(f"fallback_k must be a non-negative int, got {fallback_k!r}")
     return {
-        "controller": controller_spec(controller, controller_params),
+        "controller": price_packed(controller_spec(controller, controller_params)),
         "fallback_k": min(fallback_k, k_max),
     }
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from adaptk.core import SpeculationController
-from adaptk.estimators.latency import LatencyModel, OnlineLatency, get_latency_model
+from adaptk.estimators.latency import ONLINE, LatencyModel, OnlineLatency, get_latency_model, is_online
 from adaptk.registry import register
 from adaptk.types import Decision, Feedback, StepContext
 
@@ -206,7 +206,8 @@ class _CostAware(SpeculationController):
         super().__init__()
         _check_latency(latency)
         self._model: LatencyModel | None = None
-        self._online: OnlineLatency | None = OnlineLatency() if latency is None else None
+        self._online: OnlineLatency | None = (
+            get_latency_model(ONLINE if latency is None else latency) if is_online(latency) else None)
         self._observed_steps = 0
         self._last_ctx = 0.0
         self._cost_cache: dict[tuple[int, int], np.ndarray] = {}

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from adaptk.core import SpeculationController
+from adaptk.estimators.latency import is_online
 from adaptk.registry import register
 from adaptk.types import Decision, Feedback, StepContext
 
@@ -70,7 +71,9 @@ class AdaptK(SpeculationController):
     latency
         Cost profile / preset name, JSON path, or a spec dict for
         :func:`~adaptk.estimators.latency.get_latency_model`; ``None`` or ``"online"`` learns
-        costs online from step timings.
+        costs online from step timings, priced as a padded batch (every row pays for the longest
+        draft, as in the reference decoder); ``{"name": "online", "ragged": "packed"}`` learns them
+        priced by total tokens, as in vLLM (which :mod:`adaptk.adapters.vllm` passes).
     decay
         Per-step decay of the acceptance counts (``0.998`` ≈ a 500-step memory).
     prior_rate
@@ -171,8 +174,14 @@ class AdaptK(SpeculationController):
         from adaptk.estimators.latency import OnlineLatency, get_latency_model
 
         self._drafter = drafter
-        if self._online:
+        if self.latency is None or self.latency == "online":
             self._cost = OnlineLatency()
+        elif self._online:
+            # packed batches: explore verify lengths optimistically (a try costs only its own tokens)
+            spec = dict(self.latency)
+            if spec.get("ragged") == "packed":
+                spec.setdefault("optimistic", True)
+            self._cost = get_latency_model(spec)
         elif isinstance(self.latency, dict):
             self._cost = get_latency_model(self.latency)
         else:
@@ -180,7 +189,7 @@ class AdaptK(SpeculationController):
 
     @property
     def _online(self) -> bool:
-        return self.latency is None or self.latency == "online"
+        return is_online(self.latency)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # the cost model must exist before its learned state can be loaded into it

@@ -61,10 +61,19 @@ __all__ = [
     "load_profile",
     "available_profiles",
     "get_latency_model",
+    "is_online",
 ]
 
 DRAFTERS = ("prompt_lookup", "early_exit", "draft_model")
 RAGGED = ("padded", "packed")
+#: The name under which :func:`get_latency_model` builds an :class:`OnlineLatency`.
+ONLINE = "online"
+
+
+def is_online(spec: object) -> bool:
+    """Whether a ``latency`` argument asks for costs learned online (``None``, ``"online"`` or a spec
+    dict naming it)."""
+    return spec is None or spec == ONLINE or (isinstance(spec, dict) and spec.get("name") == ONLINE)
 
 
 class LatencySample(NamedTuple):
@@ -734,6 +743,13 @@ class OnlineLatency(LatencyModel):
     the costs) and backs off at large batch until data say otherwise. Data replace the prior
     within a few distinct observations.
 
+    ``optimistic=True`` prices a verify longer than any measured near this batch size and context
+    at the cost of the longest one measured (verify cost does not fall as tokens are added, so
+    that is a lower bound). A controller that maximises goodput under it tries a longer draft
+    once, measures it, and learns whether it pays; under the prior alone it would never learn
+    that an H100 verifies 16 tokens per row for the price of 2. It suits packed batches, where a
+    try costs only the tokens it adds; in a padded batch one long try makes every row pay for it.
+
     Cells use step size ``max(w / count, weight_new · w)`` (``w`` the cell's share of the
     observation): an exact running mean at first, then an EWMA that follows drift; ``forget``
     does the same for the regressions.
@@ -749,8 +765,10 @@ class OnlineLatency(LatencyModel):
 
     def __init__(self, ragged: str = "padded", prior_step_s: float = 0.03, prior_token_cost: float = 0.03,
                  prior_draft_cost: float = 0.1, forget: float = 0.995, weight_new: float = 0.1,
-                 max_tokens: int = 33, max_batch: int = 1024, max_context: int = 1 << 20) -> None:
+                 max_tokens: int = 33, max_batch: int = 1024, max_context: int = 1 << 20,
+                 optimistic: bool = False) -> None:
         self.ragged = _check_ragged(ragged)
+        self.optimistic = bool(optimistic)
         self.prior_step_s = prior_step_s
         self.prior_token_cost = prior_token_cost
         self.prior_draft_cost = prior_draft_cost
@@ -801,10 +819,23 @@ class OnlineLatency(LatencyModel):
                     out.append((bi, ci, bw * cw))
         return out
 
+    def _explored(self, corners: list[tuple[int, int, float]]) -> float:
+        """The most tokens per row measured in any of these cells (1 when none)."""
+        top = 1
+        for bi, ci, _ in corners:
+            seen = np.flatnonzero(self._counts[bi, ci] >= 0.5)
+            if seen.size:
+                top = max(top, int(seen[-1]) + 1)
+        return float(top)
+
     def _verify(self, batch: int, n: np.ndarray, total: np.ndarray, ctx_sum: float, ctx_max: float) -> np.ndarray:
+        corners = self._corners(batch, ctx_max if self.ragged == "padded" else ctx_sum / batch)
+        if self.optimistic:
+            # a longer verify costs at least what the longest measured one did: price it at that
+            clamp = np.minimum(n, self._explored(corners)) / np.maximum(n, 1.0)
+            n, total = n * clamp, total * clamp
         x, ctx = self._vfeatures(batch, total, ctx_sum, ctx_max)
         theta = self._rls_v.theta
-        corners = self._corners(batch, ctx)
         if len(corners) == 1:
             bi, ci, _ = corners[0]
             row = self._ybar[bi, ci] - self._xbar[bi, ci] @ theta
@@ -1025,14 +1056,17 @@ class RooflineLatency(LatencyModel):
 # 5. one lookup
 # ---------------------------------------------------------------------------------------------
 def get_latency_model(name_or_path: str | Path | dict, drafter: str | None = None, **kwargs: Any) -> LatencyModel:
-    """A latency model from a bundled profile name, a preset name, or a JSON file path.
+    """A latency model from a bundled profile name, a preset name, a JSON file path, or ``"online"``.
 
     JSON files are read by their ``format``: ``"adaptk-profile"`` (:class:`ProfileLatency`) or
-    ``"adaptk-roofline"`` (:class:`RooflineLatency`). Other keyword arguments (``ragged``,
-    ``exit_layer``, …) go to the model's constructor.
+    ``"adaptk-roofline"`` (:class:`RooflineLatency`). ``"online"`` is an :class:`OnlineLatency`
+    that learns from step timings (``drafter`` does not apply to it and is ignored). Other keyword
+    arguments (``ragged``, ``exit_layer``, …) go to the model's constructor.
 
     >>> get_latency_model("h100-llama3-8b").kind
     'analytic'
+    >>> get_latency_model({"name": "online", "ragged": "packed"}).ragged
+    'packed'
     >>> get_latency_model("no-such-model")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -1046,9 +1080,11 @@ def get_latency_model(name_or_path: str | Path | dict, drafter: str | None = Non
             raise ValueError(f"latency model spec {name_or_path!r} has no 'name'")
         name_or_path = spec.pop("name")
         kwargs = {**spec, **kwargs}
+    name = str(name_or_path)
+    if name == ONLINE:
+        return OnlineLatency(**kwargs)
     if drafter is not None:
         kwargs["drafter"] = drafter
-    name = str(name_or_path)
     path = Path(name)
     if name.endswith(".json") or path.is_file():
         if not path.is_file():
