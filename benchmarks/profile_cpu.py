@@ -14,6 +14,10 @@ of *measured* costs. This script produces it:
   the batch;
 - ``prefill``: one prompt's forward at batch 1 (the decoder prefills each joining request alone).
 
+The decoder's forward keeps freed memory in the heap (``adaptk.decoding.allocator``), and so does
+this script, through ``load_model``: without it a big forward page-faults its temporaries in again
+every time, and the profile would time that.
+
 Every cell is the minimum over repetitions: the machine is shared, and the minimum is the least
 noisy estimate of what the hardware can do. Token contents are random; cost does not depend on them.
 
@@ -27,6 +31,7 @@ import datetime as dt
 import json
 import platform
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -395,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "hardware": f"{cpu_model()}, {args.threads} threads",
         "model": "SmolLM2-135M-Instruct fp32",
-        "command": "python benchmarks/profile_cpu.py --out adaptk/sim/data/profiles/smollm2-135m-cpu.json",
+        "command": " ".join(["python benchmarks/profile_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": dt.date.today().isoformat(),
         "software": f"torch {torch.__version__}, numpy {np.__version__}",
         "verify": verify_table,
