@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         samples["retain"] += run(True, args)
     medians = {name: statistics.median(times) for name, times in samples.items()}
     result = {
-        "command": "python benchmarks/bench_allocator.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/bench_allocator.py", *(argv if argv is not None else sys.argv[1:])]),
         "batch": args.batch, "context": args.context, "new_tokens": args.new,
         "median_forward_ms": {name: round(m * 1e3, 1) for name, m in medians.items()},
         "speedup": round(medians["default"] / medians["retain"], 2),

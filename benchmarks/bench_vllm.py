@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.fresh_controllers:
                 hook.set_controller(spec)
             else:
-                hook.set_controller(kept.setdefault(label, adaptk.from_spec(spec)))
+                # priced for packed batches, as engine_kwargs and set_controller do with a spec
+                hook.set_controller(kept.setdefault(label, adaptk.from_spec(adapter.price_packed(spec))))
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         start = time.perf_counter()
         outputs = engines[engine_name].generate(batch, params, use_tqdm=False)
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes,
         "fell_back_to_fixed_k": fallbacks,
         "bench_seconds": round(time.perf_counter() - t_bench, 1),
-        "specs": {label: spec for label, _, spec in configs if spec is not None},
+        "specs": {label: adapter.price_packed(spec) for label, _, spec in configs if spec is not None},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -506,11 +506,14 @@ class _Hook:
     def set_controller(self, controller: str | dict[str, Any] | SpeculationController) -> None:
         """Swap the controller of a live engine; call between ``generate()`` calls, with no request in flight.
 
-        For in-process engines (tests, benchmarks that compare controllers on one engine). The new
-        controller starts fresh; it gets its own :class:`GuardedController`.
+        For in-process engines (tests, benchmarks that compare controllers on one engine). A name or
+        spec is priced for packed batches as in :func:`engine_kwargs` (:func:`price_packed`); an
+        instance runs as built. It gets its own :class:`GuardedController`.
         """
         if self.reason is not None:
             raise RuntimeError(f"the adaptk hook is off: {self.reason}")
+        if not isinstance(controller, SpeculationController):
+            controller = price_packed(controller_spec(controller))
         self._live.clear()
         self._caps.clear()
         self._draft_step.clear()
