@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from adaptk.core import SpeculationController
-from adaptk.estimators.latency import is_online
+from adaptk.estimators.latency import OnlineLatency, get_latency_model, is_online
 from adaptk.registry import register
 from adaptk.types import Decision, Feedback, StepContext
 
@@ -73,7 +73,10 @@ class AdaptK(SpeculationController):
         :func:`~adaptk.estimators.latency.get_latency_model`; ``None`` or ``"online"`` learns
         costs online from step timings, priced as a padded batch (every row pays for the longest
         draft, as in the reference decoder); ``{"name": "online", "ragged": "packed"}`` learns them
-        priced by total tokens, as in vLLM (which :mod:`adaptk.adapters.vllm` passes).
+        priced by total tokens, as in vLLM (which :mod:`adaptk.adapters.vllm` passes), and
+        explores verify lengths optimistically there
+        (:class:`~adaptk.estimators.latency.OnlineLatency` with ``optimistic=True``): a verify
+        longer than any measured is priced like the longest measured one, so it gets tried once.
     decay
         Per-step decay of the acceptance counts (``0.998`` ≈ a 500-step memory).
     prior_rate
@@ -171,8 +174,6 @@ class AdaptK(SpeculationController):
         return self._cost
 
     def _init_cost(self, drafter: str) -> None:
-        from adaptk.estimators.latency import OnlineLatency, get_latency_model
-
         self._drafter = drafter
         if self.latency is None or self.latency == "online":
             self._cost = OnlineLatency()
