@@ -6,8 +6,8 @@ every query head before attention (transformers' ``repeat_kv`` on CPU): a fresh
 ``malloc`` hands such blocks back to the operating system on ``free`` (they are served by ``mmap``,
 or trimmed from the top of the heap), so the next forward faults the same memory in again, page
 by page. Measured on this project's 2-core CPU with SmolLM2-135M, batch 4, 832 cached tokens and
-2 new per row: 190 ms per forward by default, 89 ms once freed blocks stay in the heap. The effect
-hits plain decoding and ``model.generate`` alike.
+2 new per row: 190 ms per forward by default, 90 ms once freed blocks stay in the heap
+(``python benchmarks/bench_allocator.py``).
 
 :func:`retain_freed_memory` raises glibc's mmap threshold to its maximum (32 MiB) and switches
 heap trimming off. The cost is that the process keeps its peak heap instead of shrinking after a
