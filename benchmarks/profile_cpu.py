@@ -127,7 +127,7 @@ def time_samples(fn: Callable[[], None], reps: int) -> list[float]:
     return out
 
 
-def min_time(fn: Callable[[], None], reps: int) -> float:
+def cell_time(fn: Callable[[], None], reps: int) -> float:
     """:func:`summarize` of :func:`time_samples`."""
     return summarize(time_samples(fn, reps))
 
@@ -249,7 +249,7 @@ def repair_verify(model, vocab, gen, verify: dict, rounds: int, tolerance: float
         for b, i, c in cells:
             batch, n, ctx = verify["batch_sizes"][b], verify["tokens_per_seq"][i], verify["context_lens"][c]
             reps = reps_for(batch, n, ctx) + 1 if STATISTIC == "min" else max(5, reps_for(batch, n, ctx) + 1)
-            t = min_time(step_fn(make_runner(model, batch, ctx), batch, ctx, n, vocab, gen), reps)
+            t = cell_time(step_fn(make_runner(model, batch, ctx), batch, ctx, n, vocab, gen), reps)
             old = verify["seconds"][b][i][c]
             new = min(old, t) if STATISTIC == "min" else t
             verify["seconds"][b][i][c] = new
@@ -262,7 +262,7 @@ def profile_early_exit(model, vocab, gen, layers, batches, ctx) -> list:
     for j, batch in enumerate(batches):
         runner = make_runner(model, batch, ctx)
         for i, num in enumerate(layers):
-            seconds[i][j] = min_time(step_fn(runner, batch, ctx, 1, vocab, gen, layers=range(num)), 7)
+            seconds[i][j] = cell_time(step_fn(runner, batch, ctx, 1, vocab, gen, layers=range(num)), 7)
             print(f"early exit L={num:2d} batch={batch:2d} ctx={ctx}: {seconds[i][j] * 1e3:8.1f} ms", flush=True)
     return seconds
 
@@ -277,7 +277,7 @@ def profile_prompt_lookup(batches, ctx, rng) -> list:
             for row in rows:
                 propose(row, 3, 1, num_tokens=16)
 
-        seconds.append(min_time(run, 20))
+        seconds.append(cell_time(run, 20))
         print(f"prompt lookup batch={batch:3d} ctx={ctx}: {seconds[-1] * 1e3:8.3f} ms", flush=True)
     return seconds
 
@@ -293,7 +293,7 @@ def profile_prefill(model, vocab, gen, lengths) -> list:
         def run(ids: torch.Tensor = ids) -> None:
             runner.forward(start, slice(0, 1), input_ids=ids, head=False)
 
-        seconds.append(min_time(run, 5 if length <= 256 else 3))
+        seconds.append(cell_time(run, 5 if length <= 256 else 3))
         print(f"prefill {length:5d} tokens: {seconds[-1] * 1e3:8.1f} ms", flush=True)
     return seconds
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from adaptk.controllers.stopping import _ThresholdStop, roc_threshold
+from adaptk.controllers.stopping import _ThresholdStop, refit_due, roc_threshold
 from adaptk.core import SpeculationController, StopRule
 from adaptk.registry import register
 from adaptk.types import Decision, Feedback, StepContext
@@ -287,11 +287,7 @@ class DEL(SpeculationController):
             self._drop_superseded()
         self._seen += num_judged
         self._since_fit += 1
-        due = (
-            self._seen_at_fit == 0
-            or self._since_fit >= self.refit_every
-            or (self._seen <= self.window and self._seen >= 2 * self._seen_at_fit)
-        )
+        due = refit_due(self._seen, self._seen_at_fit, self._since_fit, self.refit_every, self.window)
         if not due:
             return
         self._flush()

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from adaptk.core import SpeculationController
-from adaptk.estimators.latency import OnlineLatency, get_latency_model, is_online
+from adaptk.estimators.latency import ONLINE, get_latency_model, is_online
 from adaptk.registry import register
 from adaptk.types import Decision, Feedback, StepContext
 
@@ -175,12 +175,10 @@ class AdaptK(SpeculationController):
 
     def _init_cost(self, drafter: str) -> None:
         self._drafter = drafter
-        if self.latency is None or self.latency == "online":
-            self._cost = OnlineLatency()
-        elif self._online:
-            # packed batches: explore verify lengths optimistically (a try costs only its own tokens)
-            spec = dict(self.latency)
+        if self._online:
+            spec = dict(self.latency) if isinstance(self.latency, dict) else {"name": ONLINE}
             if spec.get("ragged") == "packed":
+                # packed batches: explore verify lengths optimistically (a try costs only its own tokens)
                 spec.setdefault("optimistic", True)
             self._cost = get_latency_model(spec)
         elif isinstance(self.latency, dict):

@@ -77,6 +77,15 @@ def judged_positions(feedback: Feedback) -> tuple[np.ndarray, np.ndarray]:
     return (j < k) & (j <= a), j < a
 
 
+def refit_due(seen: int, seen_at_fit: int, since_fit: int, refit_every: int, window: int) -> bool:
+    """HF's refit schedule for a self-tuned confidence threshold.
+
+    Refit at the first chance, then every time the samples seen double while they still fit in
+    the window, and otherwise every ``refit_every`` updates.
+    """
+    return seen_at_fit == 0 or since_fit >= refit_every or (seen <= window and seen >= 2 * seen_at_fit)
+
+
 def roc_threshold(probs: np.ndarray, labels: np.ndarray, fn_cost: float = 3.0) -> float:
     """HF's self-tuned confidence threshold: ``argmin(fpr + fn_cost * fnr)`` over the ROC curve.
 
@@ -297,11 +306,7 @@ class _ConfidenceTuning:
         self._queued_accepted += accepted
         self._seen += samples
         self._since_fit += 1
-        due = (
-            self._seen_at_fit == 0
-            or self._since_fit >= self.refit_every
-            or (self._seen <= self.window and self._seen >= 2 * self._seen_at_fit)
-        )
+        due = refit_due(self._seen, self._seen_at_fit, self._since_fit, self.refit_every, self.window)
         # the window after folding holds a subset of (window + queue): if the union lacks a class
         # or is too small, so does the window, and folding can wait
         total = len(self._window_probs) + self._queued_samples
