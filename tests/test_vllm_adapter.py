@@ -61,10 +61,14 @@ class CycleCaps(adaptk.SpeculationController):
         self._decisions: dict[int, dict[int, int]] = {}
         self._feedback: list[dict] = []
         self._contexts: list[tuple] = []
+        self._offered: dict[int, dict[int, int]] = {}  # step -> seq_id -> drafts on offer (n-gram)
 
     def _decide(self, context):
         ks = np.minimum((context.step + context.seq_ids) % self.period, context.k_max)
         self._decisions[int(context.step)] = dict(zip(context.seq_ids.tolist(), ks.tolist(), strict=True))
+        if context.draft_available is not None:
+            offered = context.draft_available.tolist()
+            self._offered[int(context.step)] = dict(zip(context.seq_ids.tolist(), offered, strict=True))
         self._contexts.append((context.seq_ids.tolist(), context.context_lens.tolist(), context.k_max))
         return Decision(ks)
 
@@ -301,8 +305,13 @@ def _run(llm, controller, prompts, max_tokens=40):
     return outputs, hook.controller, {k: after[k] - before[k] for k in after}
 
 
-def _check_cycle_feedback(controller, delta, exact_drafts: bool) -> None:
-    """Each verified draft came from a logged decision and respects that sequence's cap; sums match vLLM."""
+def _check_cycle_feedback(controller, delta, method: str) -> None:
+    """Each verified draft came from a logged decision and respects that sequence's cap; sums match vLLM.
+
+    A draft model drafts exactly its cap (decided at schedule time, applied the step after). The
+    n-gram drafter is decided after it offered its drafts, with the offer as ``draft_available``:
+    what is verified is exactly ``min(cap, offered)``.
+    """
     rows = [
         (s, d, a, step)
         for fb in controller._feedback
@@ -317,13 +326,21 @@ def _check_cycle_feedback(controller, delta, exact_drafts: bool) -> None:
             continue
         cap = controller._decisions[step][seq_id]
         assert drafted <= cap, f"seq {seq_id} drafted {drafted} > its cap {cap} (decision step {step})"
-        if exact_drafts:
+        if method == "draft_model":
             assert drafted == cap
+        else:
+            assert drafted == min(cap, controller._offered[step][seq_id])
         verified_positive += drafted > 0
     assert verified_positive > 0
     # the batch K varied and both small and large caps were used
     caps_used = {k for decision in controller._decisions.values() for k in decision.values()}
     assert {0, 1, 2, 3} <= caps_used
+    if method == "draft_model":
+        assert controller._offered == {}
+    else:  # decided with the offer in hand: every decision saw one, and some offers were empty
+        assert len(controller._offered) == len(controller._decisions)
+        offers = [n for offered in controller._offered.values() for n in offered.values()]
+        assert 0 in offers and max(offers) > 0
     assert sum(r[1] for r in rows) == delta["draft_tokens"]
     assert sum(r[2] for r in rows) == delta["accepted"]
     assert sum(r[1] > 0 for r in rows) == delta["drafts"]
@@ -365,8 +382,7 @@ def _spec_engine(tiny_models, method):
 def _check_cycling_caps(llm, method, reference):
     outputs, controller, delta = _run(llm, {"name": "test-vllm-cycle", "params": {"period": 4}}, PROMPTS)
     assert outputs == reference, "greedy outputs differ from vLLM without speculation"
-    # a draft model always proposes the full cap; prompt lookup proposes at most the cap
-    _check_cycle_feedback(controller, delta, exact_drafts=(method == "draft_model"))
+    _check_cycle_feedback(controller, delta, method)
     assert delta["draft_tokens"] > 0 and delta["accepted"] > 0
 
 
@@ -532,7 +548,7 @@ def test_smollm2_ngram(smol_dir, smol_reference):
     llm = _make_llm(smol_dir, kv_mib=256, **kw)
     outputs, controller, delta = _run(llm, {"name": "test-vllm-cycle", "params": {"period": 4}}, SMOL_PROMPTS, 32)
     assert outputs == smol_reference
-    _check_cycle_feedback(controller, delta, exact_drafts=False)
+    _check_cycle_feedback(controller, delta, "ngram")
     for spec in ({"name": "fixed", "params": {"k": 3}}, {"name": "hf-heuristic", "params": {"initial_k": 2}}):
         outputs, _, delta = _run(llm, spec, SMOL_PROMPTS, 32)
         assert outputs == smol_reference, spec

@@ -17,12 +17,23 @@ travels with the engine configuration into the engine-core process. There the sc
 controller with :func:`adaptk.from_spec` (a registry lookup, nothing imported or evaluated) and, on
 every engine step:
 
-* **decides** at the end of ``schedule()`` for the requests scheduled this step: the batch
-  speculation length ``K = max_i k_i`` becomes ``SchedulerOutput.num_spec_tokens_to_schedule``
-  (what vLLM's drafter proposes after this step's forward pass) and each request's ``k_i`` is a
-  cap applied in ``update_draft_token_ids`` (sync scheduling) or to the draft placeholders (async
-  scheduling). The K chosen at step ``t`` is verified at step ``t + 1``; ``Feedback.extra``
-  carries ``decision_steps`` saying which decision each row's drafts came from.
+* **decides**, with the ``ngram`` method under sync scheduling (vLLM's CPU engine), when the
+  drafts exist: vLLM proposes up to ``K = k_max`` n-gram tokens per request at the end of a step
+  and hands them to the scheduler (``update_draft_token_ids``) after that step's output, so the
+  controller decides with this step's feedback in and with each request's offer as
+  ``StepContext.draft_available`` (0 where no n-gram matched); its ``k_i`` caps the offer, and
+  what it caps is verified at the next step. This is the step protocol without lag, and proposing
+  ``k_max`` n-gram tokens costs next to nothing.
+* **decides**, otherwise (``draft_model``, whose every proposed token costs a draft forward, and
+  async scheduling, which drafts before the output is in), at the end of ``schedule()`` for the
+  requests scheduled this step: the batch speculation length ``K = max_i k_i`` becomes
+  ``SchedulerOutput.num_spec_tokens_to_schedule`` (what vLLM's drafter proposes after this
+  step's forward pass) and each request's ``k_i`` is a cap applied in ``update_draft_token_ids``
+  (sync scheduling) or to the draft placeholders (async scheduling). The K chosen at step ``t``
+  is verified at step ``t + 1``.
+
+  Either way ``Feedback.extra`` carries ``decision_steps`` saying which decision each row's
+  drafts came from.
 * **feeds back** in ``update_from_output``: per request, drafted = scheduled draft tokens minus
   grammar-invalid ones, accepted = sampled tokens − 1 (the same counts as vLLM's spec-decode
   metrics), plus the step's wall time.
@@ -396,6 +407,8 @@ class _Hook:
         self._t_schedule: dict[int, float] = {}
         self._t_last_update = 0.0
         self._base_lookup = base_lookup
+        # sync n-gram: decide when the drafts exist (after this step's feedback), not at schedule
+        self.decide_at_draft = False
         self.num_decisions = 0
         self.num_feedbacks = 0
         try:
@@ -450,6 +463,7 @@ class _Hook:
             )
             return
         controller = from_spec(settings["controller"])
+        self.decide_at_draft = _decides_at_draft(self.scheduler.vllm_config)
         self.guard = GuardedController(controller, fallback_k=self.fallback_k)
         self.scheduler.dynamic_sd_lookup = _Lookup(self, len(self._base_lookup))
         self.active = True
@@ -521,6 +535,7 @@ class _Hook:
         self.active = True
 
     def provisional_k(self) -> int:
+        # deciding at draft time, the drafter offers all it can (k_max) and the caps cut it
         return self.k_max if self.active else self.fallback_k
 
     # -- per-step hooks -------------------------------------------------------------------------
@@ -568,9 +583,15 @@ class _Hook:
         finished = set(output.finished_req_ids or ())
         for request_id in finished | set(output.preempted_req_ids or ()):
             self._end(request_id, forget=request_id in finished)
-        request_ids = list(output.num_scheduled_tokens)
-        if not request_ids:
+        if self.decide_at_draft:
             return
+        request_ids = list(output.num_scheduled_tokens)
+        if request_ids:
+            caps = self._decide_caps(request_ids, None)
+            output.num_spec_tokens_to_schedule = int(caps.max())
+
+    def _decide_caps(self, request_ids: list[str], available: list[int] | None) -> np.ndarray:
+        """Ask the controller for the caps of ``request_ids`` (``available``: drafts on offer)."""
         requests = self.scheduler.requests
         seq_ids = [self._seq_id(r) for r in request_ids]
         context = StepContext(
@@ -578,6 +599,7 @@ class _Hook:
             seq_ids=seq_ids,
             context_lens=[requests[r].num_tokens for r in request_ids],
             k_max=self.k_max,
+            draft_available=available,
             queue_len=len(self.scheduler.waiting),
         )
         decision = self.guard.decide(context)
@@ -587,9 +609,9 @@ class _Hook:
         self._live.update(seq_ids)
         self._caps = dict(zip(request_ids, caps.tolist(), strict=True))
         self._cap_step = self.step
-        output.num_spec_tokens_to_schedule = int(caps.max())
         self.step += 1
         self.num_decisions += 1
+        return caps
 
     def after_update_after_schedule(self, output: Any) -> None:
         self._guarded("schedule (caps)", self._cap_placeholders, output)
@@ -611,6 +633,8 @@ class _Hook:
         return draft_token_ids if trimmed is None else trimmed
 
     def _trim(self, draft_token_ids: Any) -> Any:
+        if self.decide_at_draft:
+            self._decide_on_drafts(draft_token_ids)
         new_lists = []
         for request_id, drafts in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids, strict=False):
             cap = min(self._caps.get(request_id, self.k_max), self.k_max)
@@ -622,6 +646,20 @@ class _Hook:
             return dataclasses.replace(draft_token_ids, draft_token_ids=new_lists)
         draft_token_ids.draft_token_ids = new_lists
         return draft_token_ids
+
+    def _decide_on_drafts(self, draft_token_ids: Any) -> None:
+        # The step protocol without lag: this step's feedback is in, the n-gram drafter has offered
+        # its drafts (how many is the hint: 0 where no n-gram matched), and they are verified next step.
+        requests = self.scheduler.requests
+        request_ids, available = [], []
+        for request_id, drafts in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids, strict=False):
+            request = requests.get(request_id)
+            if request is not None and not request.is_finished():
+                request_ids.append(request_id)
+                available.append(min(len(drafts), self.k_max))
+        self._caps = {}
+        if request_ids:
+            self._decide_caps(request_ids, available)
 
     def collect_feedback(self, output: Any, runner_output: Any) -> list | None:
         return self._guarded("update_from_output", self._collect, output, runner_output)
@@ -685,6 +723,20 @@ class _Hook:
             request = requests.get(request_id)
             if request is None or request.is_finished():
                 self._end(request_id, forget=True)
+
+
+def _decides_at_draft(vllm_config: Any) -> bool:
+    """Whether the controller can decide after the drafts exist: sync scheduling with n-gram drafts.
+
+    There vLLM proposes drafts at the end of a step and hands them to the scheduler after the
+    step's output (``update_draft_token_ids``), so deciding then sees this step's feedback and the
+    drafter's offer, and proposing ``k_max`` n-gram tokens costs next to nothing. A draft model's
+    proposals cost a forward each, and async scheduling drafts before the output is in: there the
+    decision is made at ``schedule()`` and applies to the drafts of the step after.
+    """
+    spec = getattr(vllm_config, "speculative_config", None)
+    async_scheduling = getattr(getattr(vllm_config, "scheduler_config", None), "async_scheduling", False)
+    return getattr(spec, "method", None) == "ngram" and not async_scheduling
 
 
 class _AdaptkSchedulerMixin:

@@ -1,0 +1,138 @@
+"""Per-step anatomy of a real vLLM engine at one concurrency: what speculation costs and returns.
+
+For each configuration (run on one adaptk engine, swapped between runs, interleaved over rounds):
+engine steps, drafted and accepted tokens, wall time, and the median step time of full steps
+(every slot busy) bucketed by how many tokens the step verified beyond one per request. The slope
+of that curve is what one drafted token costs; accepted / drafted is what it returns.
+
+Run in the vLLM environment (``bash scripts/install_vllm_env.sh``), alone on the machine::
+
+    .venv-vllm/bin/python benchmarks/vllm_steps.py            # ~4 min
+
+Results: ``benchmarks/results/vllm-steps.json`` and a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_vllm import load_prompts, parse_controllers  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--controllers", default="fixed:2,fixed:8,adaptk")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--k-max", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm-steps.json"))
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    import adaptk
+    from adaptk.adapters import vllm as adapter
+    from adaptk.decoding.models import fetch_smollm2
+
+    adapter.allow_repeated_inprocess_engines()
+    model_dir = adapter.model_dir_for_vllm(fetch_smollm2())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for _, p in load_prompts(2)
+    ]
+    specs, _ = parse_controllers(args.controllers, args.k_max)
+    llm = LLM(model_dir, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+              max_num_seqs=args.concurrency, kv_cache_memory_bytes=512 << 20,
+              **adapter.engine_kwargs("fixed", method="ngram", k_max=args.k_max,
+                                      prompt_lookup_min=2, prompt_lookup_max=4))
+    hook = adapter.scheduler_hook(llm)
+    steps: list[tuple[float, int, int, int]] = []  # (seconds, rows, drafted, accepted) per engine step
+    schedule_started, send_feedback = hook.schedule_started, hook.send_feedback
+    started: list[float] = []
+
+    def timed_start() -> float:
+        started.append(schedule_started())
+        return started[-1]
+
+    def logged_feedback(output, rows) -> None:
+        send_feedback(output, rows)
+        rows = rows or []
+        steps.append((time.perf_counter() - started[-1], len(rows), sum(r[2] for r in rows), sum(r[3] for r in rows)))
+
+    hook.schedule_started, hook.send_feedback = timed_start, logged_feedback
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    kept = {label: adaptk.from_spec(adapter.price_packed(spec)) for label, spec in specs}
+    for label in kept:  # warm-up (numba compiles the n-gram drafter)
+        hook.set_controller(kept[label])
+        llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    llm.generate(prompts, params, use_tqdm=False)  # the first full batch runs slow (first-touch allocations)
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for r in range(args.rounds):
+        order = specs[r % len(specs):] + specs[: r % len(specs)]
+        for label, _ in order:
+            hook.set_controller(kept[label])
+            steps.clear()
+            t0 = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            wall = time.perf_counter() - t0
+            full = defaultdict(list)
+            for seconds, rows, drafted, _ in steps:
+                if rows == args.concurrency:
+                    full[min(drafted // 4 * 4, 24)].append(seconds)
+            runs[label].append({
+                "tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+                "wall_s": wall,
+                "steps": len(steps),
+                "drafted": sum(s[2] for s in steps),
+                "accepted": sum(s[3] for s in steps),
+                "full_step_ms_by_drafted": {b: [len(v), 1e3 * statistics.median(v)] for b, v in sorted(full.items())},
+            })
+            print(f"round {r + 1}: {label}: {runs[label][-1]['tokens'] / wall:.1f} tok/s", flush=True)
+
+    print(f"\nconcurrency {args.concurrency}, {len(prompts)} prompts, {args.max_tokens} new tokens, "
+          f"{args.rounds} rounds (medians over rounds)")
+    print(f"{'configuration':14s} {'tok/s':>7s} {'steps':>6s} {'drafted':>8s} {'accepted':>9s} {'acc/draft':>9s}")
+    summary = {}
+    for label, _ in specs:
+        rs = runs[label]
+        row = {key: statistics.median(x[key] for x in rs) for key in ("steps", "drafted", "accepted")}
+        row["tokens_per_s"] = statistics.median(x["tokens"] / x["wall_s"] for x in rs)
+        summary[label] = row
+        ratio = row["accepted"] / row["drafted"] if row["drafted"] else 0.0
+        print(f"{label:14s} {row['tokens_per_s']:7.1f} {row['steps']:6.0f} {row['drafted']:8.0f} "
+              f"{row['accepted']:9.0f} {ratio:9.2f}")
+    pooled = defaultdict(list)
+    for rs in runs.values():
+        for x in rs:
+            for bucket, (count, ms) in x["full_step_ms_by_drafted"].items():
+                pooled[bucket].extend([ms] * count)
+    curve = {b: statistics.median(v) for b, v in sorted(pooled.items())}
+    print("median full-step ms by drafted tokens (bucket of 4):",
+          {b: round(v, 1) for b, v in curve.items()})
+    Path(args.out).write_text(json.dumps({
+        "command": "python benchmarks/vllm_steps.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "concurrency": args.concurrency, "rounds": args.rounds, "summary": summary,
+        "full_step_ms_by_drafted": curve, "runs": runs,
+    }, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
