@@ -47,7 +47,12 @@ def replay_throughput(repeats: int = 3) -> dict[str, float]:
 
 
 def step_overhead(name: str, batch_size: int, steps: int = 300, seed: int = 0) -> float:
-    """Median seconds of decide + update over ``steps`` steps of a stationary synthetic stream."""
+    """Median seconds of decide + update over ``steps`` steps of a stationary synthetic stream.
+
+    Only the two calls are timed: building the ``StepContext`` and ``Feedback`` records (with
+    their validation of the engine's arrays) is the engine's side of a step, the same for every
+    controller; ``records_us`` in the results reports what building them costs.
+    """
     rng = np.random.default_rng(seed)
     controller = build_controller(name, "smollm2-135m-cpu")
     seq_ids = np.arange(batch_size)
@@ -59,13 +64,32 @@ def step_overhead(name: str, batch_size: int, steps: int = 300, seed: int = 0) -
                               draft_available=np.full(batch_size, 8), match_ngram_lens=rng.integers(0, 4, batch_size))
         started = time.perf_counter()
         decision = controller.decide(context)
+        decided = time.perf_counter()
         drafted = decision.num_draft_tokens
         accepted = np.minimum(drafted, rng.geometric(0.4, batch_size) - 1)
         feedback = Feedback(seq_ids=seq_ids, num_draft_tokens=drafted, num_accepted_tokens=accepted,
                             draft_time_s=0.001, verify_time_s=0.03 + 0.001 * float(drafted.max()), step=step,
                             draft_probs=rng.uniform(0.05, 1.0, (batch_size, width)),
                             draft_entropies=rng.uniform(0.0, 3.0, (batch_size, width)))
+        updating = time.perf_counter()
         controller.update(feedback)
+        times.append(decided - started + time.perf_counter() - updating)
+    return statistics.median(times[steps // 5:])
+
+
+def record_overhead(batch_size: int, steps: int = 300, seed: int = 0) -> float:
+    """Median seconds to build one step's ``StepContext`` + ``Feedback`` (the engine's side, untimed above)."""
+    rng = np.random.default_rng(seed)
+    seq_ids, lens, width = np.arange(batch_size), rng.integers(100, 600, batch_size), 8
+    drafted, accepted = np.full(batch_size, 4), np.full(batch_size, 2)
+    times = []
+    for step in range(steps):
+        probs, entropies = rng.uniform(0.05, 1.0, (batch_size, width)), rng.uniform(0.0, 3.0, (batch_size, width))
+        started = time.perf_counter()
+        StepContext(step=step, seq_ids=seq_ids, context_lens=lens + step, k_max=8,
+                    draft_available=np.full(batch_size, 8), match_ngram_lens=rng.integers(0, 4, batch_size))
+        Feedback(seq_ids=seq_ids, num_draft_tokens=drafted, num_accepted_tokens=accepted, draft_time_s=0.001,
+                 verify_time_s=0.03, step=step, draft_probs=probs, draft_entropies=entropies)
         times.append(time.perf_counter() - started)
     return statistics.median(times[steps // 5:])
 
@@ -81,6 +105,9 @@ def main() -> None:
         "decide_update_us": {},
     }
     print(f"replay: {results['replay']['sequence_steps_per_s_median']:,.0f} sequence-steps/s (fixed, batch 64)")
+    results["records_us"] = {str(b): 1e6 * record_overhead(b) for b in (1, 64, 256)}
+    print("engine-side records (StepContext + Feedback), not counted below: "
+          + ", ".join(f"b={b} {us:.1f} µs" for b, us in results["records_us"].items()))
     print(f"{'controller':24s} {'b=1':>8s} {'b=64':>8s} {'b=256':>8s}   (median µs per decide+update)")
     for name in adaptk.available():
         row = {str(b): 1e6 * step_overhead(name, b) for b in (1, 64, 256)}

@@ -101,3 +101,58 @@ def test_learns_online_that_a_packed_h100_batch_verifies_long_drafts_almost_free
     cautious = adaptk.make("adaptk", latency={"name": "online", "ragged": "packed", "optimistic": False})
     assert replay(packed, work, engine, batch_size, num_requests=requests).token_goodput >= 0.98 * best.token_goodput
     assert replay(cautious, work, engine, batch_size, num_requests=requests).token_goodput < 0.9 * best.token_goodput
+
+
+def early_exit_context(step: int, batch: int = 1) -> StepContext:
+    return StepContext(step=step, seq_ids=np.arange(batch), context_lens=np.full(batch, 300), k_max=8,
+                       num_layers=30, exit_layers=(6, 12))
+
+
+def test_early_exit_measures_shadow_agreement_on_plain_steps_before_drafting() -> None:
+    # every layer agrees with the target 90% of the time: drafting pays, but only once that is measured
+    controller = adaptk.make("adaptk", latency="h100-llama3-8b")
+    first = []
+    for step in range(6):
+        decision = controller.decide(early_exit_context(step))
+        first.append(int(decision.num_draft_tokens[0]))
+        k = decision.num_draft_tokens
+        compared = np.full((1, 30), int(k[0]) + 1)
+        controller.update(Feedback(seq_ids=[0], num_draft_tokens=k, num_accepted_tokens=k, step=step,
+                                   exit_layer=decision.exit_layer,
+                                   layer_matches=np.round(0.9 * compared).astype(np.int64), layer_compared=compared))
+    assert first[:4] == [0, 0, 0, 0]  # prior_strength = 4 positions compared, one per plain step at batch 1
+    assert first[4] > 0 and first[5] > 0
+
+
+def test_early_exit_without_shadow_agreement_still_drafts() -> None:
+    # an engine that offers exit layers but reports no layer_matches: decide from the acceptance table
+    controller = adaptk.make("adaptk", latency="h100-llama3-8b")
+    drafted = []
+    for step in range(20):
+        k = controller.decide(early_exit_context(step)).num_draft_tokens
+        drafted.append(int(k[0]))
+        controller.update(Feedback(seq_ids=[0], num_draft_tokens=k, num_accepted_tokens=k, step=step))
+    assert drafted[0] == 0 and sum(drafted[1:]) > 0
+
+
+def test_per_cell_curves_decide_exactly_as_per_row_curves(monkeypatch: pytest.MonkeyPatch) -> None:
+    # large batches read acceptance curves from a per-cell table; it must change nothing
+    import adaptk.controllers.flagship as flagship
+
+    def decisions() -> list[list[int]]:
+        controller = adaptk.make("adaptk", latency="h100-llama3-8b")
+        out, stream = [], np.random.default_rng(0)
+        for step in range(150):
+            ctx = StepContext(step=step, seq_ids=np.arange(32), context_lens=np.full(32, 300 + step), k_max=8,
+                              draft_available=stream.integers(0, 9, 32), match_ngram_lens=stream.integers(0, 4, 32))
+            k = controller.decide(ctx).num_draft_tokens
+            out.append(k.tolist())
+            accepted = np.minimum(k, stream.geometric(0.3, 32) - 1)
+            controller.update(Feedback(seq_ids=np.arange(32), num_draft_tokens=k, num_accepted_tokens=accepted, step=step))
+        return out
+
+    per_cell = decisions()
+    monkeypatch.setattr(flagship, "_CELL_CURVES_FROM_BATCH", 10**9)
+    per_row = decisions()
+    assert per_cell == per_row
+    assert len({tuple(k) for k in per_cell}) > 10  # many different ragged allocations were compared

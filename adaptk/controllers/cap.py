@@ -58,7 +58,7 @@ class Capped(_CostAware):
         The goodput cap's acceptance EWMA (per-token, unbiased for any drafted length).
 
     Per-step cost: the inner controller's plus about 7 µs at batch 64 (``capped`` around
-    ``hf-heuristic``: about 45 µs). Feedback is validated once, by this controller's ``update``,
+    ``hf-heuristic``: about 32 µs in ``benchmarks/bench_overhead.py``). Feedback is validated once, by this controller's ``update``,
     with exactly the inner controller's ``k_max``, signals and live ids, so it goes to the inner
     controller's ``_update`` directly.
     """

@@ -126,8 +126,8 @@ class DEL(SpeculationController):
     >>> c.decide(ctx).num_draft_tokens.tolist()        # plain decoding beats every (ℓ, d > 0)
     [0]
 
-    Per-step cost: about 42 µs for decide + update at batch 64 in ``benchmarks/bench_overhead.py``
-    (median; ``fixed``: 24 µs there), of which about 10 µs is checking the ``draft_probs`` matrix
+    Per-step cost: about 30 µs for decide + update at batch 64 in ``benchmarks/bench_overhead.py``
+    (median; ``fixed``: 12 µs there), of which about 10 µs is checking the ``draft_probs`` matrix
     (``update`` checks only the signals a controller declares in ``required_signals``). The ``(ℓ, d)``
     search is a few array operations over cached denominators (a scalar scan without exit
     layers); a step's (probability, accepted?) samples are queued and only extracted into the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,10 @@ _PROBE_Z = 2.0
 # pooled estimates need not, and the rebuild is most of an update's cost.
 _REFRESH_EVERY = 4
 _THRESHOLDS = np.array([0.9, 0.75, 0.6, 0.45, 0.3, 0.2, 0.1, 0.05])
+_LENGTHS = np.arange(_WIDTH + 1)
+# From this batch size on, acceptance curves are computed per cell at refresh (all cells) rather than
+# per row every step (the rows' cells only): same numbers, fewer operations once rows are many.
+_CELL_CURVES_FROM_BATCH = 16
 
 
 @register("adaptk")
@@ -52,7 +57,8 @@ class AdaptK(SpeculationController):
       measured, where they are not, nothing is spent (an optional UCB-style bonus on uncertain
       cells, ``exploration``, is off by default: on the bundled traces it only cost). For early-exit
       drafting the per-layer shadow agreement in ``Feedback.layer_matches`` gives every layer's
-      acceptance each step, so the exit layer is chosen without trying each one.
+      acceptance each step, so the exit layer is chosen without trying each one; plain steps
+      measure it too, so nothing is drafted until it has compared ``prior_strength`` positions.
     * **Cost** comes from the latency model: a profile or preset when ``latency`` names one (what
       ``adaptk bench`` passes as the profiling phase), otherwise learned online from the step
       timings in ``Feedback`` (:class:`~adaptk.estimators.latency.OnlineLatency`) — no profiling
@@ -88,11 +94,12 @@ class AdaptK(SpeculationController):
     rate_weight
         EWMA weight of a sequence's own acceptance rate (feature).
 
-    Cost per step: about 90 µs for decide + update at batch 64 on this project's 2-core CPU
-    (``benchmarks/bench_overhead.py``), over the 50 µs target: it evaluates ~25 candidate
-    allocations over a (batch × positions) survival matrix every step and rebuilds its smoothed
-    table every 4 updates. That is well under 1% of a real step (≥ 30 ms on the CPU, ≥ 5 ms on an
-    H100).
+    Cost per step: about 43 µs for decide + update at batch 64 on this project's 2-core CPU
+    (``benchmarks/bench_overhead.py``): a sequence's acceptance curves depend on its cell alone, so
+    in a large batch they are computed per cell when the table is refreshed (every 4 updates), and
+    a step evaluates ~17 candidate allocations over the batch by gathers and one reduction. At batch
+    1 the refresh dominates (~63 µs per step). Either is well under 1% of a real step (≥ 30 ms on
+    the CPU, ≥ 5 ms on an H100).
 
     >>> import adaptk
     >>> from adaptk import StepContext, Feedback
@@ -110,7 +117,7 @@ class AdaptK(SpeculationController):
     """
 
     required_signals = frozenset({"layer_agreement"})
-    _TRANSIENT = ("_cost_cache", "_cached_ids", "_cached_slots")
+    _TRANSIENT = ("_cost_cache", "_cached_ids", "_cached_slots", "_curves_cache")
 
     def __init__(
         self,
@@ -135,26 +142,35 @@ class AdaptK(SpeculationController):
         self.exploration = exploration
         self.rate_weight = rate_weight
         cells = _NGRAM_BUCKETS * _HISTORY_STATES * _RATE_BUCKETS
-        # decayed counts are stored inflated by _count_scale (= decay^-updates): decaying them all is
-        # then one scalar multiply per update instead of two passes over the tables
-        self._successes = np.zeros((cells, _WIDTH))
-        self._trials = np.zeros((cells, _WIDTH))
+        # Per cell, decayed counts of rounds that tried exactly t positions (t = min(drafted,
+        # accepted + 1)) and that accepted exactly a: an update adds one count per round, and the
+        # per-position trials and successes are their reverse cumulative sums, taken at refresh.
+        # Counts are stored inflated by _count_scale (= decay^-updates): decaying them all is then
+        # one scalar multiply per update instead of two passes over the tables.
+        self._tried_upto = np.zeros((cells, _WIDTH + 1))
+        self._accepted_upto = np.zeros((cells, _WIDTH + 1))
         self._count_scale = 1.0
         self._accept = np.full((cells, _WIDTH), prior_rate)  # smoothed, optimistic estimates per cell
+        self._curves_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # width -> _curves(_accept) per cell
         self._layer_matches: np.ndarray | None = None  # decayed shadow agreement per layer (early exit)
         self._layer_compared: np.ndarray | None = None
+        self._layer_signal: bool | None = None  # whether the engine reports shadow agreement (None: unknown yet)
+        self._layer_positions = 0  # positions shadow agreement has compared for every layer, ever
         # per-sequence state lives in slots so a step touches it with a few vectorised operations
         self._slot_of: dict[int, int] = {}
         # the slots of the last batch seen: batches mostly repeat from one step to the next
         self._cached_ids: np.ndarray | None = None
         self._cached_slots = np.zeros(0, dtype=np.int64)
         self._free_slots: list[int] = []
-        self._history = np.zeros(0, dtype=np.int64)  # 0 new, 1 rejected at once, 2 partial, 3-5 full
+        # the sequence's cell, less the drafter's hint: last round (0 new, 1 rejected at once,
+        # 2 partial, 3-5 full) * _RATE_BUCKETS + own-rate bucket; it only changes in update
+        self._cell_base = np.zeros(0, dtype=np.int64)
         self._own_rate = np.zeros(0)  # EWMA of accepted / drafted, -1 = unknown
         self._run = np.zeros(0, dtype=np.int64)  # tokens accepted since the sequence's last rejection
         self._last_cell = np.zeros(0, dtype=np.int64)
         self._last_context = np.zeros(0, dtype=np.int64)
         self._cost: Any = None
+        self._learns_costs = False  # whether _cost is learned from feedback (set with _cost)
         self._drafter: str | None = None
         self._updates_since_refresh = 0
         self._cost_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -175,6 +191,7 @@ class AdaptK(SpeculationController):
 
     def _init_cost(self, drafter: str) -> None:
         self._drafter = drafter
+        self._learns_costs = self._online
         if self._online:
             spec = dict(self.latency) if isinstance(self.latency, dict) else {"name": ONLINE}
             if spec.get("ragged") == "packed":
@@ -201,15 +218,16 @@ class AdaptK(SpeculationController):
     def _cost_tables(self, batch: int, context_lens: np.ndarray, exit_layer: int | None) -> tuple[np.ndarray, np.ndarray]:
         """``(verify, draft)`` seconds: verify by candidate index, draft by longest draft.
 
-        Padded engines: verify is indexed by the longest draft ``K`` (every row verifies ``K+1``).
-        Packed engines: by the extra tokens ``Σ k_i``. Tables are cached per batch size and
-        context bucket (10% steps), and rebuilt as an online cost model learns.
+        Padded engines: verify is indexed by the longest draft ``K`` (every row verifies ``K+1``),
+        and already includes the draft seconds. Packed engines: by the extra tokens ``Σ k_i``.
+        Tables are cached per batch size and context bucket (10% steps), and rebuilt as an online
+        cost model learns.
         """
         cost = self._cost
         ctx_sum = float(context_lens.sum())
         ctx_max = float(context_lens.max())
-        version = self._cost_observations // 16 if self._online else 0
-        key = (batch, int(np.log(ctx_sum + 1) * 10), int(np.log(ctx_max + 1) * 10), exit_layer, version)
+        version = self._cost_observations // 16 if self._learns_costs else 0
+        key = (batch, int(math.log(ctx_sum + 1) * 10), int(math.log(ctx_max + 1) * 10), exit_layer, version)
         tables = self._cost_cache.get(key)
         if tables is None:
             if len(self._cost_cache) > 256:
@@ -222,7 +240,7 @@ class AdaptK(SpeculationController):
                 total = batch + np.arange(batch * _WIDTH + 1, dtype=np.float64)
                 verify = cost._verify(batch, total / batch, total, ctx_sum, ctx_max)
             draft = cost._draft(batch, forwards, ctx_sum, exit_layer)
-            tables = (verify, draft)
+            tables = (verify + draft, draft) if cost.ragged == "padded" else (verify, draft)
             self._cost_cache[key] = tables
         return tables
 
@@ -231,14 +249,15 @@ class AdaptK(SpeculationController):
         """Step seconds for each candidate column of ``lengths`` (batch, candidates)."""
         verify, draft = self._cost_tables(batch, context_lens, exit_layer)
         longest = lengths.max(axis=0)
-        index = longest if self._cost.ragged == "padded" else lengths.sum(axis=0)
-        return verify[index] + draft[longest]
+        if self._cost.ragged == "padded":
+            return verify[longest]
+        return verify[lengths.sum(axis=0)] + draft[longest]
 
     # -- acceptance ------------------------------------------------------------------------------
     def _slots_of(self, seq_ids: np.ndarray, allocate: bool = True) -> np.ndarray:
         """Slot per sequence; the last batch's answer when the batch is the same."""
         cached = self._cached_ids
-        if cached is not None and cached.shape == seq_ids.shape and np.array_equal(cached, seq_ids):
+        if cached is not None and cached.shape == seq_ids.shape and (cached == seq_ids).all():
             return self._cached_slots
         ids = seq_ids.tolist()
         if allocate:
@@ -256,29 +275,26 @@ class AdaptK(SpeculationController):
                 if self._free_slots:
                     slot = self._free_slots.pop()
                 else:
-                    slot = len(self._history)
+                    slot = len(self._cell_base)
                     grow = max(8, slot)
-                    self._history = np.concatenate([self._history, np.zeros(grow, dtype=np.int64)])
+                    self._cell_base = np.concatenate([self._cell_base, np.zeros(grow, dtype=np.int64)])
                     self._own_rate = np.concatenate([self._own_rate, np.zeros(grow)])
                     self._run = np.concatenate([self._run, np.zeros(grow, dtype=np.int64)])
                     self._last_cell = np.concatenate([self._last_cell, np.zeros(grow, dtype=np.int64)])
                     self._last_context = np.concatenate([self._last_context, np.zeros(grow, dtype=np.int64)])
                     self._free_slots.extend(range(slot + grow - 1, slot, -1))
                 slot_of[seq_id] = slot
-                self._history[slot] = 0
+                self._cell_base[slot] = 0  # new, own rate unknown
                 self._own_rate[slot] = -1.0
                 self._run[slot] = 0
         return np.fromiter(map(slot_of.__getitem__, seq_ids), dtype=np.int64, count=len(seq_ids))
 
     def _features(self, context: StepContext, slots: np.ndarray) -> np.ndarray:
         """Cell index per sequence from (n-gram hint, last round, own rate)."""
-        if context.match_ngram_lens is not None:
-            ngram = np.minimum(context.match_ngram_lens, 3)
-        else:
-            ngram = np.full(len(slots), 4)
-        rate = self._own_rate[slots]
-        rate_bucket = np.where(rate < 0, 0, np.where(rate < 0.25, 1, np.where(rate < 0.6, 2, 3)))
-        return (ngram * _HISTORY_STATES + self._history[slots]) * _RATE_BUCKETS + rate_bucket
+        base = self._cell_base[slots]
+        if context.match_ngram_lens is None:
+            return base + 4 * _HISTORY_STATES * _RATE_BUCKETS
+        return np.minimum(context.match_ngram_lens, 3) * (_HISTORY_STATES * _RATE_BUCKETS) + base
 
     def _refresh_acceptance(self) -> None:
         """Posterior means with backoff, plus the optimism bonus.
@@ -289,7 +305,7 @@ class AdaptK(SpeculationController):
         controller has not tried yet inherit a sensible, not an arbitrary, estimate.
         """
         m = self.prior_strength
-        s, n = self._successes / self._count_scale, self._trials / self._count_scale
+        s, n = self._position_counts()
         shape = (_NGRAM_BUCKETS, _HISTORY_STATES, _RATE_BUCKETS)
         s0, n0 = s[:, 0].reshape(shape), n[:, 0].reshape(shape)
         p_all = (s0.sum() + m * self.prior_rate) / (n0.sum() + m)
@@ -303,7 +319,15 @@ class AdaptK(SpeculationController):
         p[:, used:] = p[:, used - 1 : used]
         bonus = self.exploration * np.sqrt(p * (1 - p) / (n + 1))
         self._accept = np.clip(p + bonus, 0.0, 0.999)
+        self._curves_cache = {}
         self._updates_since_refresh = 0
+
+    def _position_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Decayed (successes, trials) per cell and position."""
+        # position j was tried by rounds that tried more than j positions, accepted by those that accepted more than j
+        tried = np.cumsum(self._tried_upto[:, ::-1], axis=1)[:, -2::-1]
+        accepted = np.cumsum(self._accepted_upto[:, ::-1], axis=1)[:, -2::-1]
+        return accepted / self._count_scale, tried / self._count_scale
 
     # -- the protocol ----------------------------------------------------------------------------
     def _decide(self, context: StepContext) -> Decision:
@@ -314,43 +338,89 @@ class AdaptK(SpeculationController):
             self._last_cell[slots] = 0
             return Decision(np.zeros(batch, dtype=np.int64))
         self._cost_model(context)
+        if context.exit_layers is not None and self._layers_unmeasured():
+            # shadow agreement measures every exit layer for free on plain steps: measure first
+            self._last_cell[slots] = 0
+            return Decision(np.zeros(batch, dtype=np.int64))
         cells = self._features(context, slots)
         cap = np.full(batch, width) if context.draft_available is None else np.minimum(context.draft_available, width)
-        best_lengths, best_layer = self._allocate(self._accept[cells, :width], cap, context)
+        best_lengths, best_layer = self._allocate(cells, cap, context)
         if best_lengths.any():
             self._idle_steps, self._probe_interval = 0, _PROBE_START
         elif self._probe_due(context, cap):
             # act on an optimistic reading of the counts: probe only if some allocation could pay
-            best_lengths, best_layer = self._allocate(self._optimistic_acceptance()[cells, :width], cap, context)
+            accept = self._optimistic_acceptance()[cells, :width]
+            best_lengths, best_layer = self._allocate(cells, cap, context, accept)
         self._last_cell[slots] = cells
-        self._last_context[slots] = context.context_lens
-        return Decision(best_lengths.astype(np.int64), exit_layer=best_layer)
+        if self._learns_costs:  # what an online cost model is told the step's contexts were
+            self._last_context[slots] = context.context_lens
+        return Decision(best_lengths.copy(), exit_layer=best_layer)  # not a view into the candidates
 
-    def _allocate(self, accept: np.ndarray, cap: np.ndarray, context: StepContext) -> tuple[np.ndarray, int | None]:
-        """The candidate allocation (and exit layer) of highest predicted goodput under ``accept``."""
-        batch, width = accept.shape
+    @staticmethod
+    def _curves(accept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per row of ``accept`` (rows, width): expected tokens emitted for every length 0..width,
+        and the length each survival threshold in ``_THRESHOLDS`` gives."""
+        survival = np.cumprod(accept, axis=1)  # P(positions 0..j all accepted)
+        expected = np.concatenate([np.ones((len(accept), 1)), 1.0 + np.cumsum(survival, axis=1)], axis=1)
+        return expected, (survival[:, :, None] >= _THRESHOLDS[None, None, :]).sum(axis=1)
+
+    def _cell_curves(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_curves` of every cell of the acceptance table, until it is next refreshed.
+
+        A sequence's curves depend on its cell alone: in a large batch, computing them for every
+        cell once per refresh instead of for every row every step is most of what keeps a
+        decision cheap.
+        """
+        curves = self._curves_cache.get(width)
+        if curves is None:
+            curves = self._curves_cache[width] = self._curves(self._accept[:, :width])
+        return curves
+
+    def _allocate(self, cells: np.ndarray, cap: np.ndarray, context: StepContext,
+                  accept: np.ndarray | None = None) -> tuple[np.ndarray, int | None]:
+        """The candidate allocation (and exit layer) of highest predicted goodput.
+
+        Acceptance comes from the table by ``cells``, from ``accept`` (batch, width) when given (the
+        optimistic probe), or from an exit layer's shadow agreement where one has been measured.
+        """
+        batch, width = len(cells), min(context.k_max, _WIDTH)
         layers: tuple[int | None, ...] = context.exit_layers or (None,)
         best_value, best_lengths, best_layer = -np.inf, np.zeros(batch, dtype=np.int64), None
-        uniform = np.minimum(np.arange(width + 1)[None, :], cap[:, None])  # batch caps K = 0..width
-        rows = np.arange(batch)[:, None]
+        uniform = np.minimum(_LENGTHS[None, : width + 1], cap[:, None])  # batch caps K = 0..width
+        offsets = np.arange(0, batch * (width + 1), width + 1)[:, None]  # row starts in a flat (batch, width + 1)
         for layer in layers:
-            layer_accept = accept
             if layer is not None and self._layer_compared is not None and layer - 1 < len(self._layer_compared):
-                # shadow agreement of this layer, shrunk toward the prior
+                # shadow agreement of this layer, shrunk toward the prior: the same for every row
                 rate = (self._layer_matches[layer - 1] + self.prior_strength * self.prior_rate) / (
                     self._layer_compared[layer - 1] + self.prior_strength)
-                layer_accept = np.broadcast_to(rate, accept.shape)
-            survival = np.cumprod(layer_accept, axis=1)  # P(positions 0..j all accepted)
-            expected = np.concatenate([np.ones((batch, 1)), 1.0 + np.cumsum(survival, axis=1)], axis=1)
-            thresholded = np.minimum((survival[:, :, None] >= _THRESHOLDS[None, None, :]).sum(axis=1), cap[:, None])
+                expected, counts = self._curves(np.full((1, width), rate))
+                expected, counts = np.broadcast_to(expected, (batch, width + 1)), np.broadcast_to(counts, (batch, len(_THRESHOLDS)))
+            elif accept is not None:
+                expected, counts = self._curves(accept)
+            elif batch < _CELL_CURVES_FROM_BATCH:
+                expected, counts = self._curves(self._accept[cells, :width])
+            else:
+                expected, counts = self._cell_curves(width)
+                expected, counts = expected[cells], counts[cells]
+            thresholded = np.minimum(counts, cap[:, None])
             lengths = np.concatenate([uniform, thresholded], axis=1)
-            gain = expected[rows, lengths].sum(axis=0)
+            gain = np.take(expected, lengths + offsets).sum(axis=0)  # row i's expected tokens at its length
             value = gain / self._candidate_costs(batch, lengths, context.context_lens, layer)
             value[0] *= 1.0 + 1e-9  # ties go to plain decoding
-            i = int(np.argmax(value))
+            i = int(value.argmax())
             if value[i] > best_value:
                 best_value, best_lengths, best_layer = value[i], lengths[:, i], layer
         return best_lengths, best_layer
+
+    def _layers_unmeasured(self) -> bool:
+        """Whether shadow agreement has yet to compare ``prior_strength`` positions per layer.
+
+        Only while the engine reports it (or has not said yet): an engine that gives exit layers
+        but no ``layer_matches`` is decided for from the acceptance table instead.
+        """
+        if self._layer_signal is False:
+            return False
+        return self._layer_positions < self.prior_strength
 
     def _probe_due(self, context: StepContext, cap: np.ndarray) -> bool:
         """Whether to reconsider "draft nothing" optimistically this step.
@@ -379,7 +449,8 @@ class AdaptK(SpeculationController):
         """
         self._refresh_acceptance()
         optimistic = self._accept.copy()
-        p, n = optimistic[:, 0], self._trials[:, 0] / self._count_scale + self.prior_strength
+        p = optimistic[:, 0]
+        n = self._tried_upto[:, 1:].sum(axis=1) / self._count_scale + self.prior_strength
         optimistic[:, 0] = np.clip(p + _PROBE_Z * np.sqrt(p * (1 - p) / n), 0.0, 0.999)
         return optimistic
 
@@ -387,40 +458,45 @@ class AdaptK(SpeculationController):
         drafted, accepted = feedback.num_draft_tokens, feedback.num_accepted_tokens
         slots = self._slots_of(feedback.seq_ids, allocate=False)
         if self._cost is not None and len(slots) and feedback.verify_time_s > 0:
-            if self._online:
+            if self._learns_costs:
                 self._cost.observe(len(slots), np.minimum(drafted, _WIDTH), self._last_context[slots],
                                    feedback.draft_time_s, feedback.verify_time_s, feedback.exit_layer)
             self._cost_observations += 1
         self._count_scale /= self.decay
         if self._count_scale > 1e150:  # fold the scale back in long before it could overflow
-            self._successes /= self._count_scale
-            self._trials /= self._count_scale
+            self._accepted_upto /= self._count_scale
+            self._tried_upto /= self._count_scale
             self._count_scale = 1.0
-        if feedback.layer_matches is not None:
+        if feedback.layer_matches is None:
+            if self._layer_signal is None and self._drafter == "early_exit":
+                self._layer_signal = False
+        else:
+            self._layer_signal = True
             if self._layer_compared is None or len(self._layer_compared) != feedback.layer_matches.shape[1]:
                 self._layer_matches = np.zeros(feedback.layer_matches.shape[1])
                 self._layer_compared = np.zeros(feedback.layer_matches.shape[1])
             self._layer_matches = self._layer_matches * self.decay + feedback.layer_matches.sum(axis=0)
-            self._layer_compared = self._layer_compared * self.decay + feedback.layer_compared.sum(axis=0)
+            compared = feedback.layer_compared.sum(axis=0)
+            self._layer_compared = self._layer_compared * self.decay + compared
+            self._layer_positions += int(compared.min())
         rounds = drafted > 0
         if not rounds.any():
             return
         slots = slots[rounds]
         d = np.minimum(drafted[rounds], _WIDTH)
-        a = accepted[rounds]
-        positions = np.arange(_WIDTH)[None, :]
-        trials = (positions < d[:, None]) & (positions <= a[:, None])  # position j was drafted and reached
-        flat = (self._last_cell[slots] * _WIDTH)[:, None] + positions
-        np.add.at(self._trials.reshape(-1), flat[trials], self._count_scale)
-        np.add.at(self._successes.reshape(-1), flat[positions < a[:, None]], self._count_scale)
+        a = np.minimum(accepted[rounds], d)
+        cells = self._last_cell[slots]
+        np.add.at(self._tried_upto, (cells, np.minimum(d, a + 1)), self._count_scale)
+        np.add.at(self._accepted_upto, (cells, a), self._count_scale)
         full = a == d
         run = np.where(full, self._run[slots] + a, 0)
         self._run[slots] = run
-        self._history[slots] = np.where(full, 3 + np.searchsorted(_RUN_EDGES, run, side="right"),
-                                        np.where(a > 0, 2, 1))
+        history = np.where(full, 3 + np.searchsorted(_RUN_EDGES, run, side="right"), np.where(a > 0, 2, 1))
         observed = a / d
         old = self._own_rate[slots]
-        self._own_rate[slots] = np.where(old < 0, observed, (1 - self.rate_weight) * old + self.rate_weight * observed)
+        rate = np.where(old < 0, observed, (1 - self.rate_weight) * old + self.rate_weight * observed)
+        self._own_rate[slots] = rate
+        self._cell_base[slots] = history * _RATE_BUCKETS + 1 + (rate >= 0.25) + (rate >= 0.6)
         self._updates_since_refresh += 1
         if self._updates_since_refresh >= _REFRESH_EVERY:
             self._refresh_acceptance()

@@ -89,7 +89,7 @@ class GammaTuneLike(SpeculationController):
     sequences start at ``initial_k``, or with ``carry_over`` at the mean ``γ`` of the last update
     (the text's predictability is shared across requests more than it is not).
 
-    Per-step cost: about 34 µs for decide + update at batch 64 (``fixed``: 24 µs). ``γ`` lives in
+    Per-step cost: about 21 µs for decide + update at batch 64 (``fixed``: 12 µs). ``γ`` lives in
     rows of a numpy column (``_gamma`` is a ``{seq_id: γ}`` view), so a step is one row lookup
     (cached while the batch is unchanged) and a few vectorised operations.
 
@@ -177,8 +177,8 @@ class GammaTuneLikePlus(_ConfidenceTuning, GammaTuneLike):
     as in :class:`adaptk.controllers.stopping.Confidence` (HF's ROC rule, ``argmin(fpr + 3·fnr)``).
     Not GammaTune+ itself: its rule is not public.
 
-    Per-step cost: about 49–51 µs (median, at the budget's edge on a noisy machine) for decide +
-    update at batch 64 — ``gammatune-like``'s 34 µs plus about 10 µs checking the ``draft_probs``
+    Per-step cost: about 38 µs (median) for decide + update at batch 64 — ``gammatune-like``'s
+    21 µs plus about 10 µs checking the ``draft_probs``
     matrix its threshold tuning reads (only declared signals are checked) and about 2 µs queueing the round
     for the next refit; refits as in :class:`adaptk.controllers.stopping.Confidence` (about 9 µs
     per step on average).

@@ -125,9 +125,9 @@ class DSDE(SpeculationController):
     subject to the batch cap.
 
     Per-step cost (decide + update at batch 64, median, ``benchmarks/bench_overhead.py``, where
-    ``fixed`` takes 24 µs building and checking the records): 31 µs in that benchmark, which sends
-    no KL. With a KL matrix in every feedback (the benchmark's stream plus ``kl_divergences``;
-    ``fixed`` 33 µs there) it is about 91 µs at ``window=30`` and 105 µs at ``window=100``: about
+    ``fixed`` takes 12 µs checking the records): 19 µs in that benchmark, which sends no KL. With a
+    KL matrix in every feedback (the benchmark's stream plus ``kl_divergences``, timed with the
+    building of the records as well: ``fixed`` takes 33 µs there) it is about 91 µs at ``window=30`` and 105 µs at ``window=100``: about
     11 µs of that is the base class checking the KL matrix, the rest is DSDE's own work, which is
     proportional to the history — shifting every sequence's KL window by the round's values (one
     gather) and its two weighted variances (one matrix product with a ``(window, 2)`` weight

@@ -30,7 +30,7 @@ Per-step cost: per-sequence state lives in rows of numpy columns (:class:`_SeqTa
 checks only the per-position signals the controller declares in ``required_signals`` (checking
 a ``(64, 8)`` matrix costs about 10 µs). Timings below
 are ``benchmarks/bench_overhead.py``'s ``step_overhead(name, 64)`` medians on a shared 2-core
-machine, where ``fixed`` takes about 24 µs.
+machine, where ``fixed`` takes about 12 µs (the calls only: building the records is not counted).
 """
 
 from __future__ import annotations
@@ -439,7 +439,7 @@ class Confidence(_ConfidenceTuning, _CappedLength):
     schedule
         ``"heuristic"`` (default), ``"heuristic_transient"`` or ``"constant"`` (module docstring).
 
-    Per-step cost: about 43 µs (median) for decide + update at batch 64, of which about 10 µs
+    Per-step cost: about 31 µs (median) for decide + update at batch 64, of which about 10 µs
     checks the ``draft_probs`` matrix. The update moves the round caps and queues the round. A
     refit (every ``refit_every`` updates once the window is full) folds the queue into the window
     and computes the ROC in numpy (about 0.13 ms at 4096 samples, against about 0.7 ms for
@@ -547,7 +547,7 @@ class AdaEDL(_CappedLength):
     reaches one token within ``cap`` rounds; "the round's cap" in the ``λ`` update is then that
     sequence's cap. ``schedule="constant"`` is the reference (cap ``min(base_k, k_max)``).
 
-    Per-step cost: about 46 µs for decide + update at batch 64, of which about 10 µs checks the
+    Per-step cost: about 34 µs for decide + update at batch 64, of which about 10 µs checks the
     ``draft_entropies`` matrix; the rest is one row lookup per batch (cached while the batch is
     unchanged) and about twenty vectorised operations for ``AR_ema``, ``λ`` and the cap.
 
@@ -695,14 +695,14 @@ class SpecDecPPLike(_CappedLength):
 
     The running product of a round lives in ``_round_survival`` (restarted at position 0).
 
-    Per-step cost, at batch 64: with the logistic model about 46 µs (median) and 57 µs (mean) for
-    decide + update, of which about 20 µs checks the two per-position matrices the model reads,
+    Per-step cost, at batch 64: with the logistic model about 35 µs (median; about 46 µs median and
+    57 µs mean when the benchmark also counted building the records) for decide + update, of which about 20 µs checks the two per-position matrices the model reads,
     ``draft_probs`` and ``draft_entropies``. An update queues the round; every ``fit_every``-th
     update takes the gradient step over the queued rounds stacked into one pass (about 90 µs for
     eight rounds, so about 11 µs per update on average — over the 50 µs budget on those steps;
-    ``fit_every=1`` steps on every update: about 75 µs per step). On the bundled early-exit trace
+    ``fit_every=1`` steps on every update: about 75 µs per step, records included). On the bundled early-exit trace
     ``fit_every=8`` gives the same goodput as ``fit_every=1`` or better (a less noisy gradient).
-    The confidence model learns nothing and reads one matrix: about 35 µs.
+    The confidence model learns nothing and reads one matrix: about 35 µs, records included.
 
     >>> from adaptk import StepContext
     >>> c = SpecDecPPLike(acceptance_model="confidence")
