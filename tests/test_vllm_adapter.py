@@ -62,6 +62,7 @@ class CycleCaps(adaptk.SpeculationController):
         self._feedback: list[dict] = []
         self._contexts: list[tuple] = []
         self._offered: dict[int, dict[int, int]] = {}  # step -> seq_id -> drafts on offer (n-gram)
+        self._matched: dict[int, dict[int, int]] = {}  # step -> seq_id -> matched n-gram length
 
     def _decide(self, context):
         ks = np.minimum((context.step + context.seq_ids) % self.period, context.k_max)
@@ -69,6 +70,9 @@ class CycleCaps(adaptk.SpeculationController):
         if context.draft_available is not None:
             offered = context.draft_available.tolist()
             self._offered[int(context.step)] = dict(zip(context.seq_ids.tolist(), offered, strict=True))
+        if context.match_ngram_lens is not None:
+            matched = context.match_ngram_lens.tolist()
+            self._matched[int(context.step)] = dict(zip(context.seq_ids.tolist(), matched, strict=True))
         self._contexts.append((context.seq_ids.tolist(), context.context_lens.tolist(), context.k_max))
         return Decision(ks)
 
@@ -134,6 +138,25 @@ def test_serve_args_match_engine_kwargs():
     assert json.loads(flags["--speculative-config"]) == kw["speculative_config"]
     assert json.loads(flags["--additional-config"]) == kw["additional_config"]
     assert kw["speculative_config"]["model"] == "/models/draft"
+
+
+def _naive_matched_length(tokens, min_n, max_n):
+    for n in range(max_n, min_n - 1, -1):
+        if len(tokens) > n and any(tokens[i : i + n] == tokens[-n:] for i in range(len(tokens) - n)):
+            return n
+    return 0
+
+
+def test_matched_ngram_length_agrees_with_a_direct_search():
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        vocab = [3, 50, 70_000][trial % 3]  # large ids: byte patterns that straddle token boundaries
+        tokens = rng.integers(0, vocab, rng.integers(1, 60)).tolist()
+        if trial % 4 == 0 and len(tokens) > 6:  # plant a repeat of the suffix
+            start = int(rng.integers(0, len(tokens) - 5))
+            tokens += tokens[start : start + int(rng.integers(1, 5))]
+        for min_n, max_n in ((1, 3), (2, 4), (3, 3)):
+            assert adapter.matched_ngram_length(tokens, min_n, max_n) == _naive_matched_length(tokens, min_n, max_n)
 
 
 def test_controller_instance_becomes_spec():
@@ -341,6 +364,9 @@ def _check_cycle_feedback(controller, delta, method: str) -> None:
         assert len(controller._offered) == len(controller._decisions)
         offers = [n for offered in controller._offered.values() for n in offered.values()]
         assert 0 in offers and max(offers) > 0
+        # with the matched n-gram length (prompt_lookup_min..max = 1..3) exactly where something is offered
+        pairs = [(offered[s], controller._matched[step][s]) for step, offered in controller._offered.items() for s in offered]
+        assert all((n > 0) == (1 <= m <= 3) for n, m in pairs), pairs[:20]
     assert sum(r[1] for r in rows) == delta["draft_tokens"]
     assert sum(r[2] for r in rows) == delta["accepted"]
     assert sum(r[1] > 0 for r in rows) == delta["drafts"]

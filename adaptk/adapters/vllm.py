@@ -60,6 +60,7 @@ import logging
 import os
 import time
 import warnings
+from array import array
 from typing import Any
 
 import numpy as np
@@ -409,6 +410,7 @@ class _Hook:
         self._base_lookup = base_lookup
         # sync n-gram: decide when the drafts exist (after this step's feedback), not at schedule
         self.decide_at_draft = False
+        self._ngram_range = (1, 1)  # vLLM's prompt_lookup_min / _max, for the match-length hint
         self.num_decisions = 0
         self.num_feedbacks = 0
         try:
@@ -464,6 +466,9 @@ class _Hook:
             return
         controller = from_spec(settings["controller"])
         self.decide_at_draft = _decides_at_draft(self.scheduler.vllm_config)
+        if self.decide_at_draft:
+            spec = self.scheduler.vllm_config.speculative_config
+            self._ngram_range = (int(spec.prompt_lookup_min or 1), int(spec.prompt_lookup_max or spec.prompt_lookup_min or 1))
         self.guard = GuardedController(controller, fallback_k=self.fallback_k)
         self.scheduler.dynamic_sd_lookup = _Lookup(self, len(self._base_lookup))
         self.active = True
@@ -590,8 +595,10 @@ class _Hook:
             caps = self._decide_caps(request_ids, None)
             output.num_spec_tokens_to_schedule = int(caps.max())
 
-    def _decide_caps(self, request_ids: list[str], available: list[int] | None) -> np.ndarray:
-        """Ask the controller for the caps of ``request_ids`` (``available``: drafts on offer)."""
+    def _decide_caps(self, request_ids: list[str], available: list[int] | None,
+                     matched: list[int] | None = None) -> np.ndarray:
+        """Ask the controller for the caps of ``request_ids`` (``available``: drafts on offer;
+        ``matched``: the n-gram length each offer was matched with)."""
         requests = self.scheduler.requests
         seq_ids = [self._seq_id(r) for r in request_ids]
         context = StepContext(
@@ -600,6 +607,7 @@ class _Hook:
             context_lens=[requests[r].num_tokens for r in request_ids],
             k_max=self.k_max,
             draft_available=available,
+            match_ngram_lens=matched,
             queue_len=len(self.scheduler.waiting),
         )
         decision = self.guard.decide(context)
@@ -651,15 +659,17 @@ class _Hook:
         # The step protocol without lag: this step's feedback is in, the n-gram drafter has offered
         # its drafts (how many is the hint: 0 where no n-gram matched), and they are verified next step.
         requests = self.scheduler.requests
-        request_ids, available = [], []
+        request_ids, available, matched = [], [], []
         for request_id, drafts in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids, strict=False):
             request = requests.get(request_id)
             if request is not None and not request.is_finished():
                 request_ids.append(request_id)
                 available.append(min(len(drafts), self.k_max))
+                # vLLM does not say which n-gram it matched; the length is the hint prompt lookup gives
+                matched.append(matched_ngram_length(request.all_token_ids[:], *self._ngram_range) if len(drafts) else 0)
         self._caps = {}
         if request_ids:
-            self._decide_caps(request_ids, available)
+            self._decide_caps(request_ids, available, matched)
 
     def collect_feedback(self, output: Any, runner_output: Any) -> list | None:
         return self._guarded("update_from_output", self._collect, output, runner_output)
@@ -723,6 +733,37 @@ class _Hook:
             request = requests.get(request_id)
             if request is None or request.is_finished():
                 self._end(request_id, forget=True)
+
+
+_TOKEN_BYTES = array("i").itemsize
+
+
+def matched_ngram_length(tokens: list[int], min_n: int, max_n: int) -> int:
+    """Length of the longest suffix of ``tokens``, ``min_n ≤ n ≤ max_n``, that also occurs earlier (0: none).
+
+    That is the n-gram vLLM's ``ngram`` proposer matched to draft the tokens that followed its
+    earlier occurrence; the adapter passes it as ``StepContext.match_ngram_lens``, the hint a
+    prompt-lookup drafter gives (a longer match is a better bet). A few byte searches, about 10 µs
+    for a thousand tokens.
+
+    >>> matched_ngram_length([5, 6, 7, 8, 1, 6, 7, 8], 2, 4)   # "6 7 8" occurred before
+    3
+    >>> matched_ngram_length([5, 6, 7, 8, 1, 2, 7, 8], 2, 4), matched_ngram_length([1, 2, 3, 4], 2, 4)
+    (2, 0)
+    """
+    count = len(tokens)
+    if count <= min_n:
+        return 0
+    data = array("i", tokens).tobytes()
+    earlier = data[:-_TOKEN_BYTES]  # an occurrence must end before the last token
+    for n in range(min(max_n, count - 1), min_n - 1, -1):
+        pattern = data[-n * _TOKEN_BYTES:]
+        at = earlier.find(pattern)
+        while at != -1 and at % _TOKEN_BYTES:  # a byte match across token boundaries is not one
+            at = earlier.find(pattern, at + 1)
+        if at != -1:
+            return n
+    return 0
 
 
 def _decides_at_draft(vllm_config: Any) -> bool:
