@@ -61,7 +61,7 @@ def bench(
     batch_sizes: Optional[str] = typer.Option(None, help="Comma-separated batch sizes (default 1,4,16,64)."),
     profiles: Optional[str] = typer.Option(None, help="Cost profiles / presets (default smollm2-135m-cpu,h100-llama3-8b)."),
     traces: Optional[list[Path]] = typer.Option(None, "--traces", help="Trace files (default: the bundled ones)."),
-    engine: str = typer.Option("replay", help="replay (exact, simulated time) | reference (real decoding, needs [hf])."),
+    engine: str = typer.Option("replay", help="replay (exact, simulated time) | reference (real decoding, needs the hf extra)."),
     drafter: str = typer.Option("prompt_lookup", help="Drafter for --engine reference."),
     workers: Optional[int] = typer.Option(None, help="Worker processes for replay (default: CPU count)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: a fresh one under ./adaptk-results/)."),
