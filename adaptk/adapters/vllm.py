@@ -20,8 +20,9 @@ every engine step:
 * **decides**, with the ``ngram`` method under sync scheduling (vLLM's CPU engine), when the
   drafts exist: vLLM proposes up to ``K = k_max`` n-gram tokens per request at the end of a step
   and hands them to the scheduler (``update_draft_token_ids``) after that step's output, so the
-  controller decides with this step's feedback in and with each request's offer as
-  ``StepContext.draft_available`` (0 where no n-gram matched); its ``k_i`` caps the offer, and
+  controller decides with this step's feedback in, with each request's offer as
+  ``StepContext.draft_available`` (0 where no n-gram matched) and the length of the n-gram matched
+  as ``StepContext.match_ngram_lens`` (:func:`matched_ngram_length`); its ``k_i`` caps the offer, and
   what it caps is verified at the next step. This is the step protocol without lag, and proposing
   ``k_max`` n-gram tokens costs next to nothing.
 * **decides**, otherwise (``draft_model``, whose every proposed token costs a draft forward, and
