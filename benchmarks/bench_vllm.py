@@ -70,6 +70,14 @@ def load_prompts(per_task: int) -> list[tuple[str, str]]:
     return [(task, prompt) for task in order for prompt in chosen.get(task, [])]
 
 
+def chat_prompts(tokenizer, tasks_prompts: list[tuple[str, str]]) -> list[str]:
+    """:func:`load_prompts`' prompts rendered in the model's chat template, ready for ``LLM.generate``."""
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for _, p in tasks_prompts
+    ]
+
+
 def parse_controllers(text: str, k_max: int) -> tuple[list[tuple[str, dict]], list[str]]:
     """``"adaptk,fixed:4"`` -> [(label, spec)], plus notes for names that are not registered."""
     import adaptk
@@ -134,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = adapter.model_dir_for_vllm(fetch_smollm2())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tasks_prompts = load_prompts(args.prompts_per_task)
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for _, p in tasks_prompts
-    ]
+    prompts = chat_prompts(tokenizer, tasks_prompts)
     specs, notes = parse_controllers(args.controllers, args.k_max)
     for note in notes:
         print("note:", note)

@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--statistic", choices=["median", "min"], default="median",
                         help="per-cell summary of the repeated timings (median: what a run sees; min: best case)")
     parser.add_argument("--gate-wait", type=float, default=30.0, help="longest wait for a quiet moment per timed run (s)")
-    parser.add_argument("--passes", type=int, default=2, help="sweeps of the verify grid (min is kept)")
+    parser.add_argument("--passes", type=int, default=2, help="sweeps of the verify grid (each cell summarizes the samples of all sweeps)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds after which no new verify pass starts (>= 2 passes always)")
     args = parser.parse_args(argv)
 

@@ -29,7 +29,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_vllm import load_prompts, parse_controllers  # noqa: E402
+from bench_vllm import chat_prompts, load_prompts, parse_controllers  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     adapter.allow_repeated_inprocess_engines()
     model_dir = adapter.model_dir_for_vllm(fetch_smollm2())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for _, p in load_prompts(2)
-    ]
+    prompts = chat_prompts(tokenizer, load_prompts(2))
     specs, _ = parse_controllers(args.controllers, args.k_max)
     llm = LLM(model_dir, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               max_num_seqs=args.concurrency, kv_cache_memory_bytes=512 << 20,

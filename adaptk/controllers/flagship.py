@@ -191,8 +191,8 @@ class AdaptK(SpeculationController):
 
     def _init_cost(self, drafter: str) -> None:
         self._drafter = drafter
-        self._learns_costs = self._online
-        if self._online:
+        self._learns_costs = is_online(self.latency)
+        if self._learns_costs:
             spec = dict(self.latency) if isinstance(self.latency, dict) else {"name": ONLINE}
             if spec.get("ragged") == "packed":
                 # packed batches: explore verify lengths optimistically (a try costs only its own tokens)
@@ -202,10 +202,6 @@ class AdaptK(SpeculationController):
             self._cost = get_latency_model(self.latency)
         else:
             self._cost = get_latency_model(self.latency, drafter=drafter)
-
-    @property
-    def _online(self) -> bool:
-        return is_online(self.latency)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # the cost model must exist before its learned state can be loaded into it

@@ -696,12 +696,13 @@ class SpecDecPPLike(_CappedLength):
     The running product of a round lives in ``_round_survival`` (restarted at position 0).
 
     Per-step cost, at batch 64: with the logistic model about 35 µs (median; about 46 µs median and
-    57 µs mean when the benchmark also counted building the records) for decide + update, of which about 20 µs checks the two per-position matrices the model reads,
-    ``draft_probs`` and ``draft_entropies``. An update queues the round; every ``fit_every``-th
+    57 µs mean when the benchmark also counted building the records) for decide + update, of which
+    about 20 µs checks the two per-position matrices the model reads, ``draft_probs`` and
+    ``draft_entropies``. An update queues the round; every ``fit_every``-th
     update takes the gradient step over the queued rounds stacked into one pass (about 90 µs for
     eight rounds, so about 11 µs per update on average — over the 50 µs budget on those steps;
-    ``fit_every=1`` steps on every update: about 75 µs per step, records included). On the bundled early-exit trace
-    ``fit_every=8`` gives the same goodput as ``fit_every=1`` or better (a less noisy gradient).
+    ``fit_every=1`` steps on every update: about 75 µs per step, records included). On the bundled
+    early-exit trace ``fit_every=8`` gives the same goodput as ``fit_every=1`` or better (a less noisy gradient).
     The confidence model learns nothing and reads one matrix: about 35 µs, records included.
 
     >>> from adaptk import StepContext
