@@ -63,6 +63,7 @@ class CycleCaps(adaptk.SpeculationController):
         self._contexts: list[tuple] = []
         self._offered: dict[int, dict[int, int]] = {}  # step -> seq_id -> drafts on offer (n-gram)
         self._matched: dict[int, dict[int, int]] = {}  # step -> seq_id -> matched n-gram length
+        self._events: list[tuple[str, object]] = []  # ("decide", seq_ids) / ("update", step time), in order
 
     def _decide(self, context):
         ks = np.minimum((context.step + context.seq_ids) % self.period, context.k_max)
@@ -74,6 +75,7 @@ class CycleCaps(adaptk.SpeculationController):
             matched = context.match_ngram_lens.tolist()
             self._matched[int(context.step)] = dict(zip(context.seq_ids.tolist(), matched, strict=True))
         self._contexts.append((context.seq_ids.tolist(), context.context_lens.tolist(), context.k_max))
+        self._events.append(("decide", context.seq_ids.tolist()))
         return Decision(ks)
 
     def _update(self, feedback):
@@ -86,6 +88,7 @@ class CycleCaps(adaptk.SpeculationController):
                 "time": feedback.step_time_s,
             }
         )
+        self._events.append(("update", feedback.step_time_s))
 
 
 @_register("test-vllm-raise")
@@ -370,7 +373,7 @@ def _check_cycle_feedback(controller, delta, method: str) -> None:
     assert sum(r[1] for r in rows) == delta["draft_tokens"]
     assert sum(r[2] for r in rows) == delta["accepted"]
     assert sum(r[1] > 0 for r in rows) == delta["drafts"]
-    assert all(fb["time"] > 0 for fb in controller._feedback)
+    _check_untimed_prefill_steps(controller, method)
     # StepContext: stable int ids, k_max = num_speculative_tokens, growing contexts
     last_len: dict[int, int] = {}
     for seq_ids, context_lens, k_max in controller._contexts:
@@ -379,6 +382,34 @@ def _check_cycle_feedback(controller, delta, method: str) -> None:
             assert length >= last_len.get(seq_id, 0)
             last_len[seq_id] = length
     assert controller._live_seq_ids == set(), "finished sequences were not ended"
+
+
+def _check_untimed_prefill_steps(controller, method: str = "ngram") -> int:
+    """Decode-only steps report their time; steps that also prefilled a request report none.
+
+    Which feedback belongs to a request's prefill step follows from where the decision is made.
+    Sync n-gram decides after the step, so a request's first decision comes right *after* the
+    feedback of the step that prefilled it; a draft model decides at schedule, so the first
+    decision naming a request comes right *before* that step's feedback. Returns how many
+    untimed steps there were.
+    """
+    events = controller._events
+    seen: set[int] = set()
+    prefill_updates: set[int] = set()  # indices of update events of steps that prefilled
+    for i, (kind, value) in enumerate(events):
+        if kind == "decide":
+            if not set(value) <= seen:
+                j = i - 1 if method == "ngram" else i + 1
+                if 0 <= j < len(events) and events[j][0] == "update":
+                    prefill_updates.add(j)
+            seen.update(value)
+    for i, (kind, value) in enumerate(events):
+        if kind == "update":
+            if i in prefill_updates:
+                assert value == 0.0, f"event {i}: a step that prefilled reported {value} s"
+            else:
+                assert value > 0, f"event {i}: a decode step reported no time"
+    return len(prefill_updates)
 
 
 # ------------------------------------------------------------------------------------------
@@ -497,6 +528,25 @@ def test_scheduler_without_spec_falls_back(tiny_models, tiny_reference):
     fallbacks = [w for w in caught if issubclass(w.category, ControllerFallbackWarning)]
     assert len(fallbacks) == 1 and "no adaptk controller spec" in str(fallbacks[0].message)
     assert _greedy(llm, PROMPTS) == tiny_reference
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_steps_that_prefill_report_no_time(tiny_models, tiny_reference):
+    """Two slots, four requests: the later two are prefilled while another request decodes.
+
+    Those steps' time includes a prompt's prefill; reported as a decode step's, it would teach an
+    online cost model that plain steps cost what a prefill does (on SmolLM2 at concurrency 8 that
+    made verify cost look falling in the drafted tokens, and the flagship drafted where nothing paid).
+    """
+    kw = adapter.engine_kwargs("fixed", method="ngram", k_max=3, prompt_lookup_min=1, prompt_lookup_max=3)
+    llm = _make_llm(tiny_models[0], max_num_seqs=2, **kw)
+    hook = adapter.scheduler_hook(llm)
+    outputs, controller, _ = _run(llm, {"name": "test-vllm-cycle", "params": {"period": 4}}, PROMPTS)
+    assert outputs == tiny_reference
+    untimed = _check_untimed_prefill_steps(controller)
+    assert untimed >= 1, "no request was prefilled beside a decoding one"
+    assert hook.num_untimed_steps == untimed
 
 
 _SUBPROCESS_SCRIPT = """

@@ -408,6 +408,7 @@ class _Hook:
         self._draft_step: dict[str, int] = {}  # request id -> decision step its pending drafts came from
         self._t_schedule: dict[int, float] = {}
         self._t_last_update = 0.0
+        self.num_untimed_steps = 0  # steps whose feedback carried no timing because they also prefilled
         self._base_lookup = base_lookup
         # sync n-gram: decide when the drafts exist (after this step's feedback), not at schedule
         self.decide_at_draft = False
@@ -708,10 +709,21 @@ class _Hook:
         step_time = 0.0 if t0 is None else max(0.0, now - max(t0, self._t_last_update))
         self._t_last_update = now
         if rows:
-            self._guarded("update_from_output (feedback)", self._send, rows, step_time)
+            self._guarded("update_from_output (feedback)", self._send, rows, step_time, output)
         self._guarded("update_from_output (finished)", self._end_finished, output)
 
-    def _send(self, rows: list, step_time: float) -> None:
+    @staticmethod
+    def _prefilled(output: Any) -> bool:
+        """Whether any request in the step was scheduled prompt tokens (a prefill or a chunk of one)."""
+        spec_tokens = output.scheduled_spec_decode_tokens or {}
+        return any(n > 1 + len(spec_tokens.get(r) or ()) for r, n in output.num_scheduled_tokens.items())
+
+    def _send(self, rows: list, step_time: float, output: Any) -> None:
+        if step_time and self._prefilled(output):
+            # the step also ran prompt tokens: its time is no decode step's cost, and taken as one it
+            # would teach an online cost model that plain steps cost what a prefill does
+            step_time = 0.0
+            self.num_untimed_steps += 1
         requests = self.scheduler.requests
         request_ids, seq_ids, drafted, accepted, decided_at = zip(*rows, strict=True)
         finished = [requests.get(r) is None or requests[r].is_finished() for r in request_ids]
