@@ -147,7 +147,9 @@ class Feedback:
     """What happened in one step, handed to :meth:`SpeculationController.update`.
 
     ``num_accepted_tokens`` excludes the bonus token: a sequence emitted ``accepted + 1`` tokens.
-    Timings are for the whole step (the batch shares one draft and one verify pass).
+    Timings are for the whole step (the batch shares one draft and one verify pass). Both 0 means
+    the step is untimed: engines report that for a step whose time is not a decode step's cost
+    (it also prefilled a prompt), and controllers learning costs skip it.
 
     Optional per-drafted-position signals, each ``(num_seqs, width)``:
     ``draft_probs`` (draft top-1 probability), ``draft_entropies`` (nats), ``kl_divergences``

@@ -21,7 +21,9 @@ on exit (also after an exception), in one place (:func:`_installed`):
   ``num_assistant_tokens`` of the generator's private copy of the config; prompt lookup:
   ``num_output_tokens``, which HF re-reads every step), times the draft, and turns HF's
   ``update_candidate_strategy(input_ids, scores, num_matches)`` into a :class:`~adaptk.Feedback`.
-  ``k = 0`` skips drafting: that step is plain decoding.
+  ``k = 0`` skips drafting: that step is plain decoding. A call's first step also runs the prompt
+  through the target (and an assistant), so its feedback carries no timing (0 s): taken as a decode
+  step's cost it would mislead a cost model learned online.
 * ``model.generate`` ends the controller's sequence after each call, puts the model's, the
   assistant's and their generation configs back exactly as they were, and routes a *batched*
   assisted call (which HF refuses) through ``generate(custom_generate=...)`` to the bundled
@@ -237,6 +239,7 @@ class _AdaptiveCandidateGenerator(CandidateGenerator):
         self._draft_time_s = 0.0
         self._verify_start = 0.0
         self._signals: dict[str, np.ndarray] = {}
+        self._prefilled = False  # the first verify (and an assistant's first draft) also runs the prompt
 
     def _hints(self, input_ids: torch.LongTensor, k_max: int) -> tuple[list[int], list[int]]:
         """Prompt lookup: how many tokens the lookup offers now and the matched n-gram length.
@@ -308,12 +311,17 @@ class _AdaptiveCandidateGenerator(CandidateGenerator):
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
         verify_time_s = time.perf_counter() - self._verify_start
+        draft_time_s = self._draft_time_s
+        if not self._prefilled:
+            # the step also ran the prompt: no decode step's cost, so it is reported untimed (0)
+            verify_time_s = draft_time_s = 0.0
+            self._prefilled = True
         self.inner.update_candidate_strategy(input_ids, scores, num_matches)
         feedback = Feedback(
             seq_ids=[self.seq_id],
             num_draft_tokens=[self._drafted],
             num_accepted_tokens=[int(num_matches)],
-            draft_time_s=self._draft_time_s,
+            draft_time_s=draft_time_s,
             verify_time_s=verify_time_s,
             step=self._step,
             exit_layer=self.exit_layers[0] if self.exit_layers else None,
