@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -292,6 +291,27 @@ def test_step_reward_and_ucb_per_arm_bonus():
     assert c.decide(ctx([1], k_max=8)).num_draft_tokens.tolist() == [3]
 
 
+@pytest.mark.parametrize("name", ["ucb", "discounted-ucb", "thompson", "exp3", "contextual-bandit"])
+def test_untimed_step_among_timed_ones_is_not_credited(name):
+    c = make(name)
+    timed = Feedback(seq_ids=[1], num_draft_tokens=[2], num_accepted_tokens=[2], verify_time_s=0.05)
+    untimed = Feedback(seq_ids=[1], num_draft_tokens=[2], num_accepted_tokens=[0])  # a step that also prefilled
+    c.decide(ctx([1], k_max=8))
+    c.update(timed)
+    counts, sums = c._counts.copy(), c._sums.copy()
+    c.decide(ctx([1], k_max=8))
+    c.update(untimed)
+    assert (c._counts == counts).all() and (c._sums == sums).all()
+    c.decide(ctx([1], k_max=8))
+    c.update(timed)
+    assert c._counts.sum() > counts.sum()
+    # without any timing at all, the proxy reward is what is credited
+    fresh = make(name)
+    fresh.decide(ctx([1], k_max=8))
+    fresh.update(untimed)
+    assert fresh._counts.sum() > 0
+
+
 def _env_feedback(k, batch, rng, best, switch_best=None, noise=0.5):
     b = best if switch_best is None else switch_best
     r = max(0.5, 10.0 - (k - b) ** 2 + noise * rng.standard_normal())
@@ -353,37 +373,6 @@ def test_bandits_are_seeded():
                 c.update(_env_feedback(k, 1, rng, best=3))
             runs.append(ks)
         assert runs[0] == runs[1]
-
-
-# -- speed ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", NAMES)
-def test_decide_update_speed_at_batch_64(name):
-    """Soft budget: report decide+update cost at batch 64 (asserted loosely; CI machines vary)."""
-    c = make(name)
-    n, width = 64, 8
-    rng = np.random.default_rng(0)
-    ids = np.arange(n)
-    context = StepContext(step=0, seq_ids=ids, context_lens=np.full(n, 100), k_max=width, num_layers=12,
-                          exit_layers=(3, 6, 9))
-    fbs = []
-    for _ in range(20):
-        drafted = np.full(n, width)
-        accepted = rng.integers(0, width + 1, n)
-        fbs.append(Feedback(seq_ids=ids, num_draft_tokens=drafted, num_accepted_tokens=accepted, draft_time_s=0.001,
-                            verify_time_s=0.01, draft_probs=rng.uniform(0, 1, (n, width)),
-                            draft_entropies=rng.uniform(0, 3, (n, width)), kl_divergences=rng.uniform(0, 2, (n, width)),
-                            layer_matches=np.zeros((n, 12), dtype=np.int64), layer_compared=np.full((n, 12), 3)))
-    for fb in fbs[:12]:
-        c.decide(context)
-        c.update(fb)
-    start = time.perf_counter()
-    reps = 200
-    for i in range(reps):
-        c.decide(context)
-        c.update(fbs[i % len(fbs)])
-    per_step = (time.perf_counter() - start) / reps
-    print(f"{name}: {per_step * 1e6:.1f} us per decide+update at batch 64")
-    assert per_step < 2e-3
 
 
 def test_dsde_vectorised_wvir_matches_reference_on_random_histories():

@@ -14,7 +14,8 @@ among the arms. Every controller here:
   of the measured draft + verify time). When the feedback carries no timing (both times 0) the
   reward is ``Σ_i (a_i + 1) / (1 + proxy_draft_cost · max_i k_i)``: emitted tokens per step over a
   crude cost proxy in units of one target pass, where every drafted token of the longest draft
-  costs ``proxy_draft_cost`` (0.1) and verifying extra tokens is taken as free.
+  costs ``proxy_draft_cost`` (0.1) and verifying extra tokens is taken as free. Once timed steps
+  have been seen, an untimed one (an engine step that also prefilled) is not credited at all.
 * **online normalisation**: rewards are stored raw; at decision time they are divided by the
   running standard deviation of all rewards seen (discounted alike where the policy discounts),
   so the exploration constant ``c`` means the same for 5 tokens/s and 5000 tokens/s.
@@ -81,6 +82,7 @@ class _BatchBandit(SpeculationController):
         self._rng = np.random.default_rng(seed)
         self._last_arm = -1
         self._last_bucket = 0
+        self._timed = False  # whether any feedback carried a step time (rewards are then measured)
         self._eligible = (-1, 0)  # (k_max, how many arms are <= k_max) of the last step: a derived cache
 
     _TRANSIENT = ("_eligible",)
@@ -135,6 +137,10 @@ class _BatchBandit(SpeculationController):
         if arm < 0 or not len(feedback.seq_ids):
             return
         self._last_arm = -1
+        if feedback.step_time_s > 1e-9:
+            self._timed = True
+        elif self._timed:
+            return  # untimed among timed steps (it also prefilled): a proxy reward would be in other units
         reward = step_reward(feedback, self.proxy_draft_cost)
         if self.discount < 1.0:
             self._counts[bucket] *= self.discount
