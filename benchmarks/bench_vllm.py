@@ -2,7 +2,7 @@
 
 Run in the vLLM environment (``bash scripts/install_vllm_env.sh``)::
 
-    nice -n 15 .venv-vllm/bin/python benchmarks/bench_vllm.py --rounds 3 # ~9 min on 2 idle cores
+    nice -n 15 .venv-vllm/bin/python benchmarks/bench_vllm.py --rounds 3  # ~20 min on 2 idle cores
     nice -n 15 .venv-vllm/bin/python benchmarks/bench_vllm.py --prompts-per-task 1 --max-tokens 64  # quicker
 
 What runs, side by side in one process (three in-process engines, built once):
@@ -15,12 +15,17 @@ What runs, side by side in one process (three in-process engines, built once):
 * **none**: the same model without speculative decoding.
 
 Workload: Spec-Bench prompts (the bundled ``adaptk/data/specbench_subset.jsonl`` if present, else
-``/work/shared/data/specbench/question.jsonl``), ``--prompts-per-task`` first-turn prompts from each
-of the six tasks, in SmolLM2's chat template, greedy, ``--max-tokens`` new tokens (EOS ignored so
-every configuration produces the same tokens). Concurrency 1 sends one prompt at a time;
-concurrency N sends all prompts to an engine that runs at most N at once (``max_num_seqs``).
-Configurations are interleaved (round-robin, order rotated every round) so slow drifts of the
-machine hit all alike; each cell reports total tokens / total seconds and the median over rounds.
+``/work/shared/data/specbench/question.jsonl``), first-turn prompts in SmolLM2's chat template,
+greedy, ``--max-tokens`` new tokens (EOS ignored so every configuration produces the same tokens).
+Concurrency 1 sends ``--prompts-per-task`` prompts of each of the six tasks, one at a time.
+Concurrency N sends ``--requests-per-slot`` × N requests (tasks interleaved) to an engine that runs
+at most N at once (``max_num_seqs``): with only a little more work than slots, most of the time
+would be a draining tail at a smaller batch, which is not what a server at concurrency N does.
+Every configuration first runs an untimed warm-up at each concurrency (the first steps at a new
+batch shape are slow, and used to be charged to whichever configuration ran first). Timed runs are
+interleaved (round-robin, order rotated every round) so slow drifts of the machine hit all alike;
+each cell reports total tokens / total seconds, and the median over rounds of its paired speedup
+(run r against the run without speculation of the same round), which one disturbed run cannot move.
 Each adaptk configuration keeps one controller across its runs at a concurrency (a serving engine
 keeps its controller running); ``--fresh-controllers`` builds a new one for every run instead.
 
@@ -70,6 +75,15 @@ def load_prompts(per_task: int) -> list[tuple[str, str]]:
     return [(task, prompt) for task in order for prompt in chosen.get(task, [])]
 
 
+def interleave_tasks(tasks_prompts: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The same prompts, one of each task in turn."""
+    by_task: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for item in tasks_prompts:
+        by_task[item[0]].append(item)
+    queues = list(by_task.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
 def chat_prompts(tokenizer, tasks_prompts: list[tuple[str, str]]) -> list[str]:
     """:func:`load_prompts`' prompts rendered in the model's chat template, ready for ``LLM.generate``."""
     return [
@@ -117,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-lookup-min", type=int, default=2)
     parser.add_argument("--prompt-lookup-max", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1, help="rounds at concurrency > 1")
+    parser.add_argument("--requests-per-slot", type=int, default=4,
+                        help="at concurrency N > 1 a round sends at least this many x N requests (more prompts "
+                             "per task), so that the engine runs full most of the time, not in a draining tail")
     parser.add_argument("--fresh-controllers", action="store_true",
                         help="a new controller for every run (default: one per configuration and concurrency, "
                              "kept across its runs, as in a server that keeps running)")
@@ -143,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tasks_prompts = load_prompts(args.prompts_per_task)
     prompts = chat_prompts(tokenizer, tasks_prompts)
+    # concurrency > 1: tasks interleaved, so every batch mixes them as a server's would
+    per_task = max(args.prompts_per_task, -(-args.requests_per_slot * max_seqs // len(TASKS)))
+    batched_tasks_prompts = interleave_tasks(load_prompts(per_task))
+    batched_prompts = chat_prompts(tokenizer, batched_tasks_prompts)
     specs, notes = parse_controllers(args.controllers, args.k_max)
     for note in notes:
         print("note:", note)
@@ -203,15 +224,21 @@ def main(argv: list[str] | None = None) -> int:
             fallbacks[label] = str(hook.reason or hook.guard.error)
         return sum(len(o.outputs[0].token_ids) for o in outputs), elapsed
 
-    # warm-up: numba compiles the ngram drafter on first use
-    for config in configs:
-        run(config, prompts[:1], max_tokens=8)
-
     samples: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
     t_bench = time.perf_counter()
     for concurrency in concurrencies:
-        kept.clear()  # each concurrency starts from untrained controllers, whatever ran before
-        rounds = [[p] for p in prompts] if concurrency == 1 else [prompts] * args.rounds
+        if concurrency == 1:
+            rounds = [[p] for p in prompts]
+        else:
+            requests = max(len(prompts), args.requests_per_slot * concurrency)
+            rounds = [batched_prompts[:requests]] * args.rounds
+        # Warm-up, untimed, on every configuration: the first steps at a batch shape are slow (numba
+        # compiles the n-gram drafter, the CPU kernels set up per shape), and would be charged to
+        # whichever configuration happened to run first.
+        for config in configs:
+            for batch in rounds[:2] if concurrency == 1 else [rounds[0][: 2 * concurrency]]:
+                run(config, batch)
+        kept.clear()  # the timed runs start from untrained controllers
         for r, batch in enumerate(rounds):
             order = configs[r % len(configs) :] + configs[: r % len(configs)]
             for config in order:
@@ -239,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
                     "tok_s": round(rate, 2),
                     "median_tok_s": round(statistics.median(t / s for t, s in cell), 2),
                     "speedup_vs_none": None if base_rate is None else round(rate / base_rate, 3),
+                    # run r of every configuration did the same work in the same round: paired ratios
+                    "median_paired_speedup_vs_none": None if not base else round(statistics.median(
+                        (t / s) / (bt / bs) for (t, s), (bt, bs) in zip(cell, base, strict=True)), 3),
                     "runs": len(cell),
+                    "run_tok_s": [round(t / s, 2) for t, s in cell],
                 }
             )
 
@@ -250,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "load_avg_at_end": os.getloadavg(),
         "prompts": [{"task": t, "chars": len(p)} for t, p in tasks_prompts],
+        "requests_at_concurrency_gt1": [{"task": t, "chars": len(p)} for t, p in
+                                        batched_tasks_prompts[: max(len(prompts), args.requests_per_slot * max_seqs)]],
+        "requests_per_slot": args.requests_per_slot,
         "max_tokens": args.max_tokens,
         "k_max": args.k_max,
         "ngram": ngram,
@@ -267,9 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
 
     print(
-        f"\nSmolLM2-135M + vLLM {vllm.__version__} ngram, {len(prompts)} Spec-Bench prompts, "
+        f"\nSmolLM2-135M + vLLM {vllm.__version__} ngram, {len(prompts)} Spec-Bench prompts at c=1 "
+        f"(at c>1: {args.requests_per_slot} requests per slot, tasks interleaved), "
         f"{args.max_tokens} new tokens, greedy (load avg at end {os.getloadavg()[0]:.1f})"
     )
+    print("tok/s = all tokens / all seconds; x none = median over rounds of the run's speedup over the same round's")
+    print("run without speculation (rounds at concurrency 1: one prompt each)")
     header = f"{'configuration':<34}" + "".join(f"{f'c={c} tok/s':>14}{'x none':>8}" for c in concurrencies)
     print(header)
     print("-" * len(header))
@@ -277,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         line = f"{label:<34}"
         for c in concurrencies:
             row = next(r for r in rows if r["config"] == label and r["concurrency"] == c)
-            speed = "" if row["speedup_vs_none"] is None else f"{row['speedup_vs_none']:.2f}"
+            speed = "" if row["median_paired_speedup_vs_none"] is None else f"{row['median_paired_speedup_vs_none']:.3f}"
             line += f"{row['tok_s']:>14.1f}{speed:>8}"
         print(line)
     for label, error in fallbacks.items():
