@@ -29,7 +29,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_vllm import chat_prompts, load_prompts, parse_controllers  # noqa: E402
+from bench_vllm import TASKS, chat_prompts, interleave_tasks, load_prompts, parse_controllers  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--controllers", default="fixed:2,fixed:8,adaptk")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--requests-per-slot", type=int, default=4, help="as in bench_vllm.py")
     parser.add_argument("--k-max", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm-steps.json"))
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     adapter.allow_repeated_inprocess_engines()
     model_dir = adapter.model_dir_for_vllm(fetch_smollm2())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = chat_prompts(tokenizer, load_prompts(2))
+    # the requests bench_vllm.py sends at this concurrency
+    requests = args.requests_per_slot * args.concurrency
+    prompts = chat_prompts(tokenizer, interleave_tasks(load_prompts(max(2, -(-requests // len(TASKS)))))[: max(12, requests)])
     specs, _ = parse_controllers(args.controllers, args.k_max)
     llm = LLM(model_dir, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               max_num_seqs=args.concurrency, kv_cache_memory_bytes=512 << 20,
