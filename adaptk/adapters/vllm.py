@@ -37,7 +37,8 @@ every engine step:
   drafts came from.
 * **feeds back** in ``update_from_output``: per request, drafted = scheduled draft tokens minus
   grammar-invalid ones, accepted = sampled tokens − 1 (the same counts as vLLM's spec-decode
-  metrics), plus the step's wall time.
+  metrics), plus the step's wall time — none (0 s) for a step that also ran prompt tokens, whose
+  time is not a decode step's cost.
 * ends sequences when vLLM reports them finished or preempted.
 
 The K chosen is never more than ``num_speculative_tokens`` (``k_max``): more kills the engine.
