@@ -84,6 +84,12 @@ def interleave_tasks(tasks_prompts: list[tuple[str, str]]) -> list[tuple[str, st
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
+def batched_requests(count: int, min_per_task: int = 1) -> list[tuple[str, str]]:
+    """``count`` (task, prompt) requests for concurrency > 1: :func:`load_prompts`, tasks interleaved."""
+    per_task = max(min_per_task, -(-count // len(TASKS)))
+    return interleave_tasks(load_prompts(per_task))[:count]
+
+
 def chat_prompts(tokenizer, tasks_prompts: list[tuple[str, str]]) -> list[str]:
     """:func:`load_prompts`' prompts rendered in the model's chat template, ready for ``LLM.generate``."""
     return [
@@ -161,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks_prompts = load_prompts(args.prompts_per_task)
     prompts = chat_prompts(tokenizer, tasks_prompts)
     # concurrency > 1: tasks interleaved, so every batch mixes them as a server's would
-    per_task = max(args.prompts_per_task, -(-args.requests_per_slot * max_seqs // len(TASKS)))
-    batched_tasks_prompts = interleave_tasks(load_prompts(per_task))
+    batched_tasks_prompts = batched_requests(max(len(prompts), args.requests_per_slot * max_seqs),
+                                             args.prompts_per_task)
     batched_prompts = chat_prompts(tokenizer, batched_tasks_prompts)
     specs, notes = parse_controllers(args.controllers, args.k_max)
     for note in notes:
@@ -281,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "load_avg_at_end": os.getloadavg(),
         "prompts": [{"task": t, "chars": len(p)} for t, p in tasks_prompts],
-        "requests_at_concurrency_gt1": [{"task": t, "chars": len(p)} for t, p in
-                                        batched_tasks_prompts[: max(len(prompts), args.requests_per_slot * max_seqs)]],
+        "requests_at_concurrency_gt1": [{"task": t, "chars": len(p)} for t, p in batched_tasks_prompts],
         "requests_per_slot": args.requests_per_slot,
         "max_tokens": args.max_tokens,
         "k_max": args.k_max,

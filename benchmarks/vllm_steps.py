@@ -29,7 +29,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_vllm import TASKS, chat_prompts, interleave_tasks, load_prompts, parse_controllers  # noqa: E402
+from bench_vllm import batched_requests, chat_prompts, parse_controllers  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = adapter.model_dir_for_vllm(fetch_smollm2())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # the requests bench_vllm.py sends at this concurrency
-    requests = args.requests_per_slot * args.concurrency
-    prompts = chat_prompts(tokenizer, interleave_tasks(load_prompts(max(2, -(-requests // len(TASKS)))))[: max(12, requests)])
+    prompts = chat_prompts(tokenizer, batched_requests(max(12, args.requests_per_slot * args.concurrency), 2))
     specs, _ = parse_controllers(args.controllers, args.k_max)
     llm = LLM(model_dir, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               max_num_seqs=args.concurrency, kv_cache_memory_bytes=512 << 20,
