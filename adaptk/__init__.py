@@ -3,11 +3,10 @@
 ``import adaptk`` stays light: it never imports torch, transformers or vllm.
 """
 
+from adaptk import controllers as _controllers  # noqa: F401  (registers the built-in controllers)
 from adaptk.core import SpeculationController, StopRule
 from adaptk.registry import available, from_spec, get_class, make, register
 from adaptk.types import ControllerError, Decision, Feedback, StepContext
-
-from adaptk import controllers as _controllers  # noqa: F401  (registers the built-in controllers)
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,6 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -19,11 +18,11 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _split(text: Optional[str]) -> list[str]:
+def _split(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-def _parse_controllers(text: Optional[str]) -> list[str | dict]:
+def _parse_controllers(text: str | None) -> list[str | dict]:
     """``a,b`` or a JSON list of specs (``[{"name": "fixed", "params": {"k": 3}}]``)."""
     import adaptk
 
@@ -42,7 +41,7 @@ def _parse_controllers(text: Optional[str]) -> list[str | dict]:
     return names
 
 
-def _parse_batch_sizes(text: Optional[str]) -> Optional[tuple[int, ...]]:
+def _parse_batch_sizes(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
@@ -57,14 +56,14 @@ def _parse_batch_sizes(text: Optional[str]) -> Optional[tuple[int, ...]]:
 @app.command()
 def bench(
     suite: str = typer.Option("standard", help="quick | standard (reference engine also: tasks, one run per task)"),
-    controllers: Optional[str] = typer.Option(None, help="Comma-separated names, or a JSON list of specs. Default: all."),
-    batch_sizes: Optional[str] = typer.Option(None, help="Comma-separated batch sizes (default 1,4,16,64)."),
-    profiles: Optional[str] = typer.Option(None, help="Cost profiles / presets (default smollm2-135m-cpu,h100-llama3-8b)."),
-    traces: Optional[list[Path]] = typer.Option(None, "--traces", help="Trace files (default: the bundled ones)."),
+    controllers: str | None = typer.Option(None, help="Comma-separated names, or a JSON list of specs. Default: all."),
+    batch_sizes: str | None = typer.Option(None, help="Comma-separated batch sizes (default 1,4,16,64)."),
+    profiles: str | None = typer.Option(None, help="Cost profiles / presets (default smollm2-135m-cpu,h100-llama3-8b)."),
+    traces: list[Path] | None = typer.Option(None, "--traces", help="Trace files (default: the bundled ones)."),
     engine: str = typer.Option("replay", help="replay (exact, simulated time) | reference (real decoding, needs the hf extra)."),
     drafter: str = typer.Option("prompt_lookup", help="Drafter for --engine reference."),
-    workers: Optional[int] = typer.Option(None, help="Worker processes for replay (default: CPU count)."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default: a fresh one under ./adaptk-results/)."),
+    workers: int | None = typer.Option(None, help="Worker processes for replay (default: CPU count)."),
+    out: Path | None = typer.Option(None, help="Output folder (default: a fresh one under ./adaptk-results/)."),
 ) -> None:
     """Run controllers against each other on the same work and write results.jsonl, report.md, plots."""
     from rich.console import Console

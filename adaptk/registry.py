@@ -7,7 +7,8 @@ so a spec is data only: a name plus JSON parameters, never something evaluated.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from adaptk.core import SpeculationController
 

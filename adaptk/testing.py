@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def synthetic_stream(
             matches = np.minimum(compared, rng.binomial(compared, layer_rate))
             tokens = float((drafted + 1).sum())
             ended = []
-            for s, a in zip(context.seq_ids.tolist(), accepted.tolist()):
+            for s, a in zip(context.seq_ids.tolist(), accepted.tolist(), strict=True):
                 live[s]["len"] += a + 1
                 if rng.random() < 0.08:
                     ended.append(s)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -129,7 +128,7 @@ def test_rollback_equals_clean_recompute(model):
 def test_continuous_batching_matches_running_alone(model, prompts):
     """Per-request budgets make sequences leave at different times; late arrivals join mid-run."""
     lengths = [24, 10, 17, 5]
-    alone = [hf_greedy(model, p, n) for p, n in zip(prompts, lengths)]
+    alone = [hf_greedy(model, p, n) for p, n in zip(prompts, lengths, strict=True)]
     decoder = SpeculativeDecoder(model, drafter=PromptLookupDrafter(), controller=RaggedRandom(seed=5), k_max=4)
     result = decoder.generate(prompts, max_new_tokens=lengths, concurrency=2, arrival_times=[0.0, 0.0, 0.05, 0.2],
                               eos_token_id=None)
@@ -145,7 +144,7 @@ def test_sequences_finish_at_different_times_with_eos(model, prompts, reference)
     decoder = SpeculativeDecoder(model, drafter=PromptLookupDrafter(), controller=RaggedRandom(seed=2), k_max=4)
     result = decoder.generate(prompts, max_new_tokens=24, concurrency=3, arrival_times=[0, 0.01, 0.02, 0.03],
                               eos_token_id=eos)
-    for r, ref in zip(result, reference):
+    for r, ref in zip(result, reference, strict=True):
         if eos in ref:
             cut = ref.index(eos) + 1
             assert r.tokens == ref[:cut] and r.finish_reason == "eos"
@@ -164,7 +163,7 @@ def test_feedback_sums_match_output(model, prompts):
     for f in controller._feedback:
         assert np.all(f.num_accepted_tokens <= f.num_draft_tokens)
         assert f.draft_time_s >= 0 and f.verify_time_s > 0
-        for sid, a in zip(f.seq_ids.tolist(), f.num_accepted_tokens.tolist()):
+        for sid, a in zip(f.seq_ids.tolist(), f.num_accepted_tokens.tolist(), strict=True):
             emitted[sid] = emitted.get(sid, 0) + a + 1
     for r in result:
         assert emitted[r.seq_id] == len(r.tokens) == 20
@@ -218,7 +217,7 @@ def test_signals_early_exit(model, prompts):
             mask = np.arange(sig.shape[1])[None, :] < f.num_draft_tokens[:, None]
             assert np.all(np.isfinite(sig[mask])) and np.all(np.isnan(sig[~mask]))
             seen += mask.sum()
-        assert np.all((f.draft_probs[~np.isnan(f.draft_probs)] <= 1))
+        assert np.all(f.draft_probs[~np.isnan(f.draft_probs)] <= 1)
     assert seen > 0
     assert any(f.num_draft_tokens.max() == 0 for f in controller._feedback)
 
@@ -319,7 +318,7 @@ def test_smollm2_specbench_greedy_identity(kind):
     drafter = PromptLookupDrafter() if kind == "prompt_lookup" else EarlyExitDrafter(exit_layers=(12, 24))
     decoder = SpeculativeDecoder(smol, drafter=drafter, controller=RaggedRandom(seed=0), k_max=6)
     result = decoder.generate(prompts, max_new_tokens=32)
-    for p, r in zip(prompts, result):
+    for p, r in zip(prompts, result, strict=True):
         with torch.inference_mode():
             want = smol.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False)[0, len(p):].tolist()
         assert r.tokens == want[: len(r.tokens)] and (len(r.tokens) == len(want))

@@ -5,7 +5,6 @@ Tests marked ``model`` need the PyPI download (~93 MB) on first run.
 
 from __future__ import annotations
 
-
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -37,7 +37,7 @@ def streams(draw):
             "draft_time_s": draw(st.floats(0.0, 0.5)),
             "end": draw(st.lists(st.booleans(), min_size=n, max_size=n)),
         })
-        live = [s for s, e in zip(live, steps[-1]["end"]) if not e]
+        live = [s for s, e in zip(live, steps[-1]["end"], strict=True) if not e]
     return k_max, steps
 
 
@@ -65,7 +65,7 @@ def test_random_valid_streams(name, stream):
                                    draft_time_s=s["draft_time_s"], verify_time_s=s["verify_time_s"], step=step,
                                    exit_layer=decision.exit_layer, draft_probs=probs, draft_entropies=1.0 - probs,
                                    kl_divergences=probs, layer_matches=compared // 2, layer_compared=compared))
-        for seq_id, ended in zip(s["seq_ids"], s["end"]):
+        for seq_id, ended in zip(s["seq_ids"], s["end"], strict=True):
             if ended:
                 controller.on_sequence_end(seq_id)
     final = controller.decide(StepContext(step=len(steps), seq_ids=[10_000], context_lens=[10], k_max=k_max))

@@ -4,7 +4,7 @@ Nothing here is imported by ``import adaptk``; users import these modules explic
 torch and transformers optional extras.
 """
 
-from adaptk.decoding.drafters import DraftModelDrafter, Drafter, EarlyExitDrafter, PromptLookupDrafter
+from adaptk.decoding.drafters import Drafter, DraftModelDrafter, EarlyExitDrafter, PromptLookupDrafter
 from adaptk.decoding.reference import GenerationResult, RequestResult, SpeculativeDecoder, StepRecord
 
 __all__ = [

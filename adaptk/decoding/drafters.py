@@ -15,8 +15,8 @@ still drafting (``num_draft[i] > j``, and not stopped by the controller's stop r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -178,7 +178,7 @@ class EarlyExitDrafter(Drafter):
     name = "early_exit"
 
     def __init__(self, exit_layers: tuple[int, ...] | None = None, default_exit_layer: int | None = None) -> None:
-        self.exit_layers = None if exit_layers is None else tuple(int(l) for l in exit_layers)
+        self.exit_layers = None if exit_layers is None else tuple(int(layer) for layer in exit_layers)
         self.default_exit_layer = default_exit_layer
 
     def bind(self, target):
@@ -186,7 +186,7 @@ class EarlyExitDrafter(Drafter):
         n = target.num_layers
         if self.exit_layers is None:
             self.exit_layers = tuple(sorted({max(1, n * f // 4) for f in (1, 2, 3)}))
-        if not self.exit_layers or any(not 1 <= l < n for l in self.exit_layers):
+        if not self.exit_layers or any(not 1 <= layer < n for layer in self.exit_layers):
             raise ValueError(f"exit_layers must lie in [1, {n - 1}] for a {n}-layer model, got {self.exit_layers}")
         if self.default_exit_layer is None:
             self.default_exit_layer = max(self.exit_layers)
@@ -200,7 +200,7 @@ class EarlyExitDrafter(Drafter):
         K, k = state.K, state.k
         hidden = None
         captured = {}
-        shallow = tuple(l for l in batch.capture if l < L)
+        shallow = tuple(layer for layer in batch.capture if layer < L)
         for j in range(K + 1):
             active = np.arange(b) if j == 0 else np.flatnonzero(k >= j)
             if not len(active):
@@ -211,10 +211,10 @@ class EarlyExitDrafter(Drafter):
                                     layers=range(L), head=False, capture=shallow)
             if hidden is None:
                 hidden = torch.zeros(b, K + 1, h.shape[-1], dtype=h.dtype)
-                captured = {l: torch.zeros_like(hidden) for l in shallow}
+                captured = {layer: torch.zeros_like(hidden) for layer in shallow}
             hidden[ta, j] = h[:, 0]
-            for l, hl in cap.items():
-                captured[l][ta, j] = hl[:, 0]
+            for layer, hl in cap.items():
+                captured[layer][ta, j] = hl[:, 0]
             more = k[active] > j
             if more.any():
                 state.record(active[more], j, runner.head(h[torch.from_numpy(more), 0]))
@@ -269,7 +269,7 @@ class DraftModelDrafter(Drafter):
                 break
             if j == 0:  # catch up: feed tokens[frontier:] per row, right-padded
                 starts = [self._frontier[i] for i in active]
-                chunks = [batch.tokens[i][s:] for i, s in zip(active, starts)]
+                chunks = [batch.tokens[i][s:] for i, s in zip(active, starts, strict=True)]
                 width = max(map(len, chunks))
                 ids = torch.zeros(len(active), width, dtype=torch.long)
                 for r, c in enumerate(chunks):

@@ -65,7 +65,7 @@ class PositionCache:
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` slots of row ``src`` into row ``dst`` (batch compaction)."""
-        for K, V in zip(self.keys, self.values):
+        for K, V in zip(self.keys, self.values, strict=True):
             K[dst, :, :length] = K[src, :, :length]
             V[dst, :, :length] = V[src, :, :length]
 

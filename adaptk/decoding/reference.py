@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -204,7 +205,7 @@ class SpeculativeDecoder:
         generator.manual_seed(seed) if seed is not None else generator.seed()
         guard = GuardedController(self.controller, fallback_k=self.fallback_k)
         rows = min(concurrency, n)
-        capacity = max(len(p) + m for p, m in zip(prompts, budgets)) + self.k_max + 2
+        capacity = max(len(p) + m for p, m in zip(prompts, budgets, strict=True)) + self.k_max + 2
         runners = [self.target, *self.drafter.runners()]
         for runner in runners:
             runner.allocate(rows, capacity)
@@ -372,11 +373,11 @@ class SpeculativeDecoder:
             cols = torch.from_numpy(np.concatenate([np.arange(n + 1) for n in a]))
             want = emitted[rows, cols]
             L = out.exit_layer if out is not None else 0
-            for l in capture:
-                h = out.hidden if l == L else (out.captured[l] if l < L else deep[l])
+            for layer in capture:
+                h = out.hidden if layer == L else (out.captured[layer] if layer < L else deep[layer])
                 hit = (self.target.head(h[rows, cols]).argmax(-1) == want).numpy()
-                np.add.at(matches[:, l - 1], rows.numpy(), hit)
-                compared[:, l - 1] = a + 1
+                np.add.at(matches[:, layer - 1], rows.numpy(), hit)
+                compared[:, layer - 1] = a + 1
             signals["layer_matches"], signals["layer_compared"] = matches, compared
         return signals
 
