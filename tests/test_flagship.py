@@ -124,6 +124,22 @@ def test_early_exit_measures_shadow_agreement_on_plain_steps_before_drafting() -
     assert first[4] > 0 and first[5] > 0
 
 
+def test_early_exit_never_drafts_from_layers_that_never_agree() -> None:
+    # shadow agreement is measured for free, so a layer gets no optimistic benefit of the doubt:
+    # once prior_strength positions show no agreement at all, nothing is drafted from it
+    controller = adaptk.make("adaptk", latency="h100-llama3-8b")
+    drafted = []
+    for step in range(40):
+        decision = controller.decide(early_exit_context(step))
+        k = decision.num_draft_tokens
+        drafted.append(int(k[0]))
+        compared = np.full((1, 30), int(k[0]) + 1)
+        controller.update(Feedback(seq_ids=[0], num_draft_tokens=k, num_accepted_tokens=np.zeros(1, dtype=np.int64),
+                                   step=step, exit_layer=decision.exit_layer,
+                                   layer_matches=np.zeros((1, 30), dtype=np.int64), layer_compared=compared))
+    assert drafted == [0] * 40
+
+
 def test_early_exit_without_shadow_agreement_still_drafts() -> None:
     # an engine that offers exit layers but reports no layer_matches: decide from the acceptance table
     controller = adaptk.make("adaptk", latency="h100-llama3-8b")

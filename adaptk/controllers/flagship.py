@@ -58,7 +58,8 @@ class AdaptK(SpeculationController):
       cells, ``exploration``, is off by default: on the bundled traces it only cost). For early-exit
       drafting the per-layer shadow agreement in ``Feedback.layer_matches`` gives every layer's
       acceptance each step, so the exit layer is chosen without trying each one; plain steps
-      measure it too, so nothing is drafted until it has compared ``prior_strength`` positions.
+      measure it too, so nothing is drafted until it has compared ``prior_strength`` positions,
+      and, being free to measure, a layer's rate gets no optimism (it is shrunk toward 0).
     * **Cost** comes from the latency model: a profile or preset when ``latency`` names one (what
       ``adaptk bench`` passes as the profiling phase), otherwise learned online from the step
       timings in ``Feedback`` (:class:`~adaptk.estimators.latency.OnlineLatency`) — no profiling
@@ -386,9 +387,9 @@ class AdaptK(SpeculationController):
         offsets = np.arange(0, batch * (width + 1), width + 1)[:, None]  # row starts in a flat (batch, width + 1)
         for layer in layers:
             if layer is not None and self._layer_compared is not None and layer - 1 < len(self._layer_compared):
-                # shadow agreement of this layer, shrunk toward the prior: the same for every row
-                rate = (self._layer_matches[layer - 1] + self.prior_strength * self.prior_rate) / (
-                    self._layer_compared[layer - 1] + self.prior_strength)
+                # shadow agreement of this layer: the same for every row. Plain steps measure it
+                # for free, so it needs no optimism to get explored: it is shrunk toward 0.
+                rate = self._layer_matches[layer - 1] / (self._layer_compared[layer - 1] + self.prior_strength)
                 expected, counts = self._curves(np.full((1, width), rate))
                 expected, counts = np.broadcast_to(expected, (batch, width + 1)), np.broadcast_to(counts, (batch, len(_THRESHOLDS)))
             elif accept is not None:
