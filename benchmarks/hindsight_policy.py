@@ -138,7 +138,7 @@ def run_workload(args: tuple[str, int]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", nargs="*", help="default: every prompt-lookup workload of the standard suite")
-    parser.add_argument("--sweeps", type=int, default=2, help="coordinate-ascent sweeps (stops early when one gains nothing)")
+    parser.add_argument("--sweeps", type=int, default=3, help="coordinate-ascent sweeps (stops early when one gains nothing)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hindsight-policy.json")
     args = parser.parse_args(argv)
