@@ -11,7 +11,7 @@ what raises replayed goodput; repeat). Overfitted to the test data, it is an opt
 a controller that must learn online from those features, though not a proven bound (an online
 controller may exploit patterns a static table cannot express).
 
-    python benchmarks/hindsight_policy.py      # ~15 min on 2 cores; writes benchmarks/results/hindsight-policy.json
+    python benchmarks/hindsight_policy.py      # ~20 min on 2 cores; writes benchmarks/results/hindsight-policy.json
 
 Batch 1, SmolLM2 CPU profile, prompt lookup: the cells where the issue asks for
 ``relative_to_oracle >= 0.85``.
