@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from adaptk.bench.runner import SUITES, build_controller, bundled_trace_paths, load_workloads
+from adaptk.controllers.flagship import _RUN_EDGES
 from adaptk.core import SpeculationController
 from adaptk.estimators.latency import get_latency_model
 from adaptk.sim.oracle import best_fixed, clairvoyant_batch1
@@ -38,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROFILE = "smollm2-135m-cpu"
 TRACES = "smollm2-prompt-lookup"
 LENGTHS = (0, 1, 2, 3, 4, 6, 8, 12, 16)
-RUN_EDGES = (4, 12)  # as the flagship: full rounds split by tokens accepted since the last rejection
 
 
 class StaticCellPolicy(SpeculationController):
@@ -77,7 +77,7 @@ class StaticCellPolicy(SpeculationController):
             accepted = min(accepted, drafted)
             if accepted == drafted:
                 run += accepted
-                last = 3 + int(np.searchsorted(RUN_EDGES, run, side="right"))
+                last = 3 + int(np.searchsorted(_RUN_EDGES, run, side="right"))
             else:
                 run, last = 0, (2 if accepted else 1)
             observed = accepted / drafted

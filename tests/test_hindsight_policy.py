@@ -35,6 +35,7 @@ def test_static_policy_cells_are_the_flagships(batch_size: int) -> None:
     decide, update = flagship.decide, flagship.update
 
     def decide_both(context):
+        nonlocal compared
         decision = decide(context)
         shadow.decide(context)
         cells = flagship._last_cell[flagship._slots_of(np.asarray(context.seq_ids))]
@@ -42,7 +43,6 @@ def test_static_policy_cells_are_the_flagships(batch_size: int) -> None:
                                        cells.tolist(), strict=True):
             ngram_bucket, rest = divmod(cell, _HISTORY_STATES * _RATE_BUCKETS)
             expected = (ngram_bucket, *divmod(rest, _RATE_BUCKETS))
-            nonlocal compared
             compared += 1
             if shadow._cell(seq_id, ngram) != expected:
                 mismatched.append((seq_id, shadow._cell(seq_id, ngram), expected))
