@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from adaptk.bench.runner import SUITES, build_controller, bundled_trace_paths, load_workloads
-from adaptk.controllers.flagship import _RUN_EDGES
+from adaptk.controllers.flagship import _RUN_EDGES, _STALE_AFTER
 from adaptk.core import SpeculationController
 from adaptk.estimators.latency import get_latency_model
 from adaptk.sim.oracle import best_fixed, clairvoyant_batch1
@@ -52,6 +52,7 @@ class StaticCellPolicy(SpeculationController):
         self.table, self.default, self.rate_weight = table, default, rate_weight
         self.visits: dict[tuple[int, int, int], int] = {}
         self._history: dict[int, tuple[int, int, float]] = {}  # seq -> (last round, run, own rate)
+        self._since_drafted: dict[int, int] = {}
 
     def _cell(self, seq_id: int, ngram: int) -> tuple[int, int, int]:
         last, _, rate = self._history.get(seq_id, (0, 0, -1.0))
@@ -71,9 +72,13 @@ class StaticCellPolicy(SpeculationController):
     def _update(self, feedback: Feedback) -> None:
         for seq_id, drafted, accepted in zip(feedback.seq_ids.tolist(), feedback.num_draft_tokens.tolist(),
                                              feedback.num_accepted_tokens.tolist(), strict=True):
-            if drafted == 0:
-                continue
             last, run, rate = self._history.get(seq_id, (0, 0, -1.0))
+            if drafted == 0:
+                idle = self._since_drafted[seq_id] = self._since_drafted.get(seq_id, 0) + 1
+                if idle == _STALE_AFTER:  # the flagship forgets the last round of a long-idle sequence
+                    self._history[seq_id] = (0, run, rate)
+                continue
+            self._since_drafted[seq_id] = 0
             accepted = min(accepted, drafted)
             if accepted == drafted:
                 run += accepted
@@ -86,6 +91,7 @@ class StaticCellPolicy(SpeculationController):
 
     def _end_sequence(self, seq_id: int) -> None:
         self._history.pop(seq_id, None)
+        self._since_drafted.pop(seq_id, None)
 
 
 def fit(work: Workload, latency: object, start: int, sweeps: int) -> tuple[float, dict]:
