@@ -10,6 +10,7 @@ from adaptk.bench.runner import build_controller, bundled_trace_paths
 from adaptk.estimators.latency import get_latency_model
 from adaptk.sim.oracle import best_fixed
 from adaptk.sim.replay import Workload, replay
+from adaptk.sim.synthetic import regime_switching_traces
 from adaptk.sim.trace import TraceSet
 from adaptk.types import Feedback, StepContext
 
@@ -172,21 +173,6 @@ def test_per_cell_curves_decide_exactly_as_per_row_curves(monkeypatch: pytest.Mo
     per_row = decisions()
     assert per_cell == per_row
     assert len({tuple(k) for k in per_cell}) > 10  # many different ragged allocations were compared
-
-
-def regime_switching_traces(n: int = 24, k_max: int = 16, seed: int = 0) -> TraceSet:
-    """Draft-model traces whose acceptance switches between 0.2 and 0.9 every 20-60 tokens."""
-    from adaptk.sim.trace import Trace
-
-    rng = np.random.default_rng(seed)
-    traces = []
-    for i in range(n):
-        length, stretch = int(rng.integers(150, 300)), int(rng.integers(20, 60))
-        alpha = np.repeat(rng.choice([0.2, 0.9], size=length // stretch + 1), stretch)[:length]
-        runs = np.minimum(rng.geometric(1 - alpha) - 1, k_max)
-        runs = np.minimum(runs, np.maximum(length - 1 - np.arange(length), 0))
-        traces.append(Trace(f"p{i}", "qa", int(rng.integers(100, 600)), match_len=runs))
-    return TraceSet(traces, "draft_model", k_max=k_max)
 
 
 @pytest.mark.parametrize("batch_size", [4, 64])

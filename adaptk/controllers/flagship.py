@@ -433,19 +433,21 @@ class AdaptK(SpeculationController):
             value = tokens.sum(axis=0) / costs
             value[0] *= 1.0 + 1e-9  # ties go to plain decoding
             i = int(value.argmax())
+            chosen = value[i]
             if batch > 1 and self.objective == "throughput":
                 # the batch objective (class docstring): finishing the work takes T·Σ N_i/E_i, so
                 # score against a reference allocation, first the per-step best, then the winner
                 inverse = 1.0 / tokens
+                costs[0] *= 1.0 - 1e-9  # ties go to plain decoding
                 for _ in range(_POLICY_PASSES):
                     reference = tokens[:, i]
-                    value = reference.sum() / (costs * (reference @ inverse))
-                    value[0] *= 1.0 + 1e-9
-                    previous, i = i, int(value.argmax())
+                    time_per_progress = costs * (reference @ inverse)  # T(k) · Σ_i E_i(ref) / E_i(k_i)
+                    previous, i = i, int(time_per_progress.argmin())
                     if i == previous:
                         break
-            if value[i] > best_value:
-                best_value, best_lengths, best_layer = value[i], lengths[:, i], layer
+                chosen = reference.sum() / time_per_progress[i]
+            if chosen > best_value:
+                best_value, best_lengths, best_layer = chosen, lengths[:, i], layer
         return best_lengths, best_layer
 
     def _layers_unmeasured(self) -> bool:
