@@ -5,6 +5,10 @@ Run in the vLLM environment (``bash scripts/install_vllm_env.sh``)::
     nice -n 15 .venv-vllm/bin/python benchmarks/bench_vllm.py --rounds 3  # ~20 min on 2 idle cores
     nice -n 15 .venv-vllm/bin/python benchmarks/bench_vllm.py --prompts-per-task 1 --max-tokens 64  # quicker
 
+SmolLM2 must be converted once, by the main environment (the vLLM one lacks ``accelerate``, which
+reading the GGUF download needs): ``.venv/bin/python -c "from adaptk.decoding.models import
+fetch_smollm2; fetch_smollm2()"`` (the test suite does it too).
+
 What runs, side by side in one process (three in-process engines, built once):
 
 * the **adaptk engine**: vLLM ngram drafting with ``num_speculative_tokens = --k-max`` and the

@@ -59,8 +59,9 @@ class AdaptK(SpeculationController):
       length), the sequence's last round (rejected at once / partial / fully accepted, the last
       split by how many tokens have been accepted since the last rejection: copy runs that have
       gone on long tend to go on; after 16 steps without drafting, "new" again) and the sequence's
-      own acceptance rate. Sparse cells back off to coarser ones (hierarchical smoothing); a position not tried yet inherits the estimate of the position before it, which
-      is the exploration: where the first positions are accepted, longer drafts get tried and
+      own acceptance rate. Sparse cells back off to coarser ones (hierarchical smoothing); a
+      position not tried yet inherits the estimate of the position before it, which is the
+      exploration: where the first positions are accepted, longer drafts get tried and
       measured, where they are not, nothing is spent (an optional UCB-style bonus on uncertain
       cells, ``exploration``, is off by default: on the bundled traces it only cost). For early-exit
       drafting the per-layer shadow agreement in ``Feedback.layer_matches`` gives every layer's
