@@ -8,6 +8,7 @@ vLLM) with the hint, without it, and without it while the drafter offers all or 
 proposer does)::
 
     python benchmarks/hint_ablation.py          # a few seconds; writes benchmarks/results/hint-ablation.json
+    python benchmarks/hint_ablation.py --objective step --out /tmp/hint-step.json   # adaptk's per-step rule
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-requests", type=int, default=None, help="replay only this many requests (default: all 90)")
     parser.add_argument("--steps-file", type=Path, default=ROOT / "benchmarks" / "results" / "vllm-steps.json")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hint-ablation.json")
+    parser.add_argument("--objective", default="throughput", choices=["throughput", "step"], help="adaptk's objective")
     args = parser.parse_args(argv)
     latency, base, slope = vllm_like_cost(args.steps_file, args.batch_size)
     work = Workload(TraceSet.load(bundled_trace_paths()["smollm2-prompt-lookup"]))
@@ -73,15 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     goodput = {f"fixed k={k}": replay(adaptk.make("fixed", k=k), work, latency, args.batch_size, num_requests=n).token_goodput
                for k in range(9)}
     best = max(goodput.values())
-    for label, controller in (("adaptk", AdaptK(latency=PACKED_ONLINE)),
-                              ("adaptk without the match length", WithoutMatchLength(latency=PACKED_ONLINE)),
-                              ("adaptk without it, all-or-nothing offers", WithoutMatchLengthAllOrNothing(latency=PACKED_ONLINE))):
+    objective = args.objective
+    for label, controller in (("adaptk", AdaptK(latency=PACKED_ONLINE, objective=objective)),
+                              ("adaptk without the match length", WithoutMatchLength(latency=PACKED_ONLINE, objective=objective)),
+                              ("adaptk without it, all-or-nothing offers",
+                               WithoutMatchLengthAllOrNothing(latency=PACKED_ONLINE, objective=objective))):
         goodput[label] = replay(controller, work, latency, args.batch_size, num_requests=n).token_goodput
     print(f"batch {args.batch_size}, packed cost {base:.1f} ms + {slope:.2f} ms per drafted token (from {args.steps_file.name})")
     for label, value in goodput.items():
         print(f"{label:42s} {value:7.1f} tok/s  {value / best:.3f} of the best fixed k")
     args.out.write_text(json.dumps({
         "command": "python benchmarks/hint_ablation.py", "batch_size": args.batch_size, "num_requests": n,
+        "objective": objective,
         "base_ms": base, "ms_per_drafted_token": slope, "token_goodput": goodput,
         "relative_to_best_fixed": {k: v / best for k, v in goodput.items()},
     }, indent=1) + "\n")
