@@ -5,7 +5,7 @@ Measures, on this machine:
 * replay throughput — simulated sequence-steps per second with ``fixed`` at batch 64 on the bundled
   prompt-lookup traces under the SmolLM2 CPU profile (target ≥ 200,000);
 * ``decide`` + ``update`` time per step of every registered controller at batch 1, 64 and 256 —
-  median over steps of a synthetic stream (targets: ``fixed``/``hf-heuristic`` < 20 µs at batch 1
+  median over steps of a synthetic stream, least of ``--repeats`` interleaved rounds (targets: ``fixed``/``hf-heuristic`` < 20 µs at batch 1
   and < 200 µs at batch 256; every controller < 50 µs at batch 64).
 
 Usage::
@@ -97,6 +97,8 @@ def record_overhead(batch_size: int, steps: int = 300, seed: int = 0) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead.json"))
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds over every controller; each figure is the least of its rounds' medians")
     args = parser.parse_args()
     results: dict[str, object] = {
         "command": "python benchmarks/bench_overhead.py",
@@ -108,9 +110,15 @@ def main() -> None:
     results["records_us"] = {str(b): 1e6 * record_overhead(b) for b in (1, 64, 256)}
     print("engine-side records (StepContext + Feedback), not counted below: "
           + ", ".join(f"b={b} {us:.1f} µs" for b, us in results["records_us"].items()))
-    print(f"{'controller':24s} {'b=1':>8s} {'b=64':>8s} {'b=256':>8s}   (median µs per decide+update)")
+    # On a shared machine noise only ever adds time: rounds interleave the controllers, so a slow
+    # spell hits one round of each, and the least of the rounds' medians is the figure.
+    rounds = [{name: {str(b): 1e6 * step_overhead(name, b) for b in (1, 64, 256)} for name in adaptk.available()}
+              for _ in range(args.repeats)]
+    results["repeats"] = args.repeats
+    print(f"{'controller':24s} {'b=1':>8s} {'b=64':>8s} {'b=256':>8s}   (µs per decide+update: least of "
+          f"{args.repeats} rounds' medians)")
     for name in adaptk.available():
-        row = {str(b): 1e6 * step_overhead(name, b) for b in (1, 64, 256)}
+        row = {b: min(r[name][b] for r in rounds) for b in ("1", "64", "256")}
         results["decide_update_us"][name] = row
         print(f"{name:24s} {row['1']:8.1f} {row['64']:8.1f} {row['256']:8.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

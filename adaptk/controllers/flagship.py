@@ -116,12 +116,13 @@ class AdaptK(SpeculationController):
         ``"step"``: by the step's predicted tokens per second alone (the rule before it, kept for
         ablation). Identical at batch 1.
 
-    Cost per step: about 43 µs for decide + update at batch 64 on this project's 2-core CPU
-    (``benchmarks/bench_overhead.py``): a sequence's acceptance curves depend on its cell alone, so
-    in a large batch they are computed per cell when the table is refreshed (every 4 updates), and
-    a step evaluates ~17 candidate allocations over the batch by gathers and one reduction. At batch
-    1 the refresh dominates (~63 µs per step). Either is well under 1% of a real step (≥ 30 ms on
-    the CPU, ≥ 5 ms on an H100).
+    Cost per step: about 49 µs for decide + update at batch 64 on this project's 2-core CPU
+    (``benchmarks/bench_overhead.py``), just inside the 50 µs budget, the closest of any controller:
+    a sequence's acceptance curves depend on its cell alone, so in a large batch they are computed
+    per cell when the table is refreshed (every 4 updates), a step evaluates ~17 candidate
+    allocations over the batch by gathers and one reduction, and the batch objective adds one or
+    two matrix-vector products (a few µs). At batch 1 the refresh dominates (~62 µs per step).
+    Either is well under 1% of a real step (≥ 30 ms on the CPU, ≥ 5 ms on an H100).
 
     >>> import adaptk
     >>> from adaptk import StepContext, Feedback
