@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from adaptk.bench.runner import SUITES, bundled_trace_paths, load_workloads
-from adaptk.controllers.flagship import _POLICY_PASSES
+from adaptk.controllers.flagship import improve_by_batch_objective
 from adaptk.core import SpeculationController
 from adaptk.estimators.latency import get_latency_model
 from adaptk.sim.oracle import best_fixed
@@ -60,12 +60,8 @@ class StepClairvoyant(SpeculationController):
         tokens = np.stack(candidates, axis=1) + 1.0  # (rows, candidates): tokens each row emits
         costs = np.array([self.latency.predict(batch, lengths, context.context_lens) for lengths in candidates])
         i = int((tokens.sum(axis=0) / costs).argmax())
-        if self.objective == "throughput" and batch > 1:  # the flagship's batch objective, same passes
-            for _ in range(_POLICY_PASSES):
-                reference = tokens[:, i]
-                previous, i = i, int((reference.sum() / (costs * (reference[:, None] / tokens).sum(axis=0))).argmax())
-                if i == previous:
-                    break
+        if self.objective == "throughput" and batch > 1:
+            i, _ = improve_by_batch_objective(tokens, costs, i)
         return Decision(candidates[i])
 
 

@@ -15,9 +15,10 @@ from adaptk.controllers.budget import SSSDBudget, budget_length
 from adaptk.controllers.cap import Capped
 from adaptk.controllers.goodput import DynamicSD, SmartSpec, SmartSpecPerRequest, smartspec_select
 from adaptk.estimators.latency import LatencyModel, available_profiles, get_latency_model
-from adaptk.sim import Trace, TraceSet
+from adaptk.sim import TraceSet
 from adaptk.sim.oracle import best_fixed
 from adaptk.sim.replay import Workload, replay
+from adaptk.sim.synthetic import iid_traces
 from adaptk.testing import check_controller
 
 H100 = "h100-llama3-8b"
@@ -28,22 +29,9 @@ TRACE_DIR = Path(adaptk.__file__).parent / "sim" / "data" / "traces"
 # ---------------------------------------------------------------------------------------------
 # fixtures: synthetic traces and hand-made cost models
 # ---------------------------------------------------------------------------------------------
-def synthetic_traces(n: int = 16, alpha: tuple[float, float] = (0.6, 0.9), k_max: int = 8,
-                     out: tuple[int, int] = (60, 120), seed: int = 0, drafter: str = "draft_model") -> TraceSet:
-    """Match lengths from i.i.d. acceptance: a run of Bernoulli(α) successes at every position."""
-    rng = np.random.default_rng(seed)
-    traces = []
-    for i in range(n):
-        a, length = rng.uniform(*alpha), int(rng.integers(*out))
-        runs = np.minimum(rng.geometric(1 - a, size=length) - 1, k_max)
-        runs = np.minimum(runs, np.maximum(length - 1 - np.arange(length), 0))
-        traces.append(Trace(f"p{i}", "qa", int(rng.integers(100, 600)), match_len=runs))
-    return TraceSet(traces, drafter, k_max=k_max)
-
-
 @pytest.fixture(scope="module")
 def work() -> Workload:
-    return Workload(synthetic_traces())
+    return Workload(iid_traces(n=16, alpha=(0.6, 0.9), k_max=8, output_len=(60, 120)))
 
 
 class TableCost(LatencyModel):

@@ -12,7 +12,7 @@ from adaptk.estimators.latency import ONLINE, get_latency_model, is_online
 from adaptk.registry import register
 from adaptk.types import Decision, Feedback, StepContext
 
-__all__ = ["AdaptK"]
+__all__ = ["AdaptK", "improve_by_batch_objective"]
 
 _WIDTH = 32  # positions tracked per round; k_max beyond this is clipped
 _NGRAM_BUCKETS = 5  # matched suffix length 0, 1, 2, 3+, and "no hint"
@@ -42,6 +42,36 @@ _POLICY_PASSES = 2
 # goes back to "new" (its own-rate bucket stays, so these are cells of their own, learned like any
 # other). Without it a row judged hard by one round could stay undrafted, and unmeasured, for good.
 _STALE_AFTER = 16
+
+
+def improve_by_batch_objective(tokens: np.ndarray, costs: np.ndarray, start: int) -> tuple[int, float]:
+    """Policy iteration on the batch objective (see ``AdaptK``): the chosen candidate and its value.
+
+    ``tokens`` (rows, candidates) holds each row's expected tokens under each candidate allocation,
+    ``costs`` (candidates,) its step seconds; candidate 0 is plain decoding and wins ties. Starting
+    from candidate ``start`` as the reference, each pass picks the candidate of least
+    ``T(k⃗) · Σ_i E_i(ref) / E_i(k_i)`` and makes it the reference. The value,
+    ``Σ_i E_i(ref) / (T(k⃗) · Σ_i E_i(ref) / E_i(k_i))``, is the mean tokens per second per row at
+    the answer (the per-step value when the answer is its own reference).
+
+    >>> tokens = np.array([[1.0, 1.9, 2.71], [1.0, 1.2, 1.24], [1.0, 1.2, 1.24]])  # one easy row, two hard
+    >>> costs = np.array([7.0, 9.48, 11.22])
+    >>> int((tokens.sum(axis=0) / costs).argmax())                   # the step's tokens per second: k = 2
+    2
+    >>> improve_by_batch_objective(tokens, costs, start=2)[0]         # the time to finish the work: k = 1
+    1
+    """
+    inverse = 1.0 / tokens
+    costs = costs.copy()
+    costs[0] *= 1.0 - 1e-9
+    i = start
+    for _ in range(_POLICY_PASSES):
+        reference = tokens[:, i]
+        time_per_progress = costs * (reference @ inverse)
+        previous, i = i, int(time_per_progress.argmin())
+        if i == previous:
+            break
+    return i, float(reference.sum() / time_per_progress[i])
 
 
 @register("adaptk")
@@ -437,17 +467,7 @@ class AdaptK(SpeculationController):
             i = int(value.argmax())
             chosen = value[i]
             if batch > 1 and self.objective == "throughput":
-                # the batch objective (class docstring): finishing the work takes T·Σ N_i/E_i, so
-                # score against a reference allocation, first the per-step best, then the winner
-                inverse = 1.0 / tokens
-                costs[0] *= 1.0 - 1e-9  # ties go to plain decoding
-                for _ in range(_POLICY_PASSES):
-                    reference = tokens[:, i]
-                    time_per_progress = costs * (reference @ inverse)  # T(k) · Σ_i E_i(ref) / E_i(k_i)
-                    previous, i = i, int(time_per_progress.argmin())
-                    if i == previous:
-                        break
-                chosen = reference.sum() / time_per_progress[i]
+                i, chosen = improve_by_batch_objective(tokens, costs, i)
             if chosen > best_value:
                 best_value, best_lengths, best_layer = chosen, lengths[:, i], layer
         return best_lengths, best_layer
