@@ -5,8 +5,9 @@ Measures, on this machine:
 * replay throughput — simulated sequence-steps per second with ``fixed`` at batch 64 on the bundled
   prompt-lookup traces under the SmolLM2 CPU profile (target ≥ 200,000);
 * ``decide`` + ``update`` time per step of every registered controller at batch 1, 64 and 256 —
-  median over steps of a synthetic stream, least of ``--repeats`` interleaved rounds (targets: ``fixed``/``hf-heuristic`` < 20 µs at batch 1
-  and < 200 µs at batch 256; every controller < 50 µs at batch 64).
+  median over steps of a synthetic stream, least of ``--repeats`` interleaved rounds (targets:
+  ``fixed``/``hf-heuristic`` < 20 µs at batch 1 and < 200 µs at batch 256; every controller < 50 µs
+  at batch 64).
 
 Usage::
 

@@ -35,8 +35,8 @@ _LENGTHS = np.arange(_WIDTH + 1)
 # From this batch size on, acceptance curves are computed per cell at refresh (all cells) rather than
 # per row every step (the rows' cells only): same numbers, fewer operations once rows are many.
 _CELL_CURVES_FROM_BATCH = 16
-# At batch > 1, rounds of policy iteration on the batch objective (see _allocate); the second
-# rarely changes the answer and a third never did on the bundled or synthetic traces.
+# At batch > 1, rounds of policy iteration on the batch objective (improve_by_batch_objective); on
+# the synthetic regime-switching traces a third round (or a fifth) changed no decision.
 _POLICY_PASSES = 2
 # A sequence that has drafted nothing for this many steps forgets its last round: its history
 # goes back to "new" (its own-rate bucket stays, so these are cells of their own, learned like any
@@ -62,12 +62,11 @@ def improve_by_batch_objective(tokens: np.ndarray, costs: np.ndarray, start: int
     1
     """
     inverse = 1.0 / tokens
-    costs = costs.copy()
-    costs[0] *= 1.0 - 1e-9
     i = start
     for _ in range(_POLICY_PASSES):
         reference = tokens[:, i]
         time_per_progress = costs * (reference @ inverse)
+        time_per_progress[0] *= 1.0 - 1e-9
         previous, i = i, int(time_per_progress.argmin())
         if i == previous:
             break
@@ -434,7 +433,8 @@ class AdaptK(SpeculationController):
 
     def _allocate(self, cells: np.ndarray, cap: np.ndarray, context: StepContext,
                   accept: np.ndarray | None = None) -> tuple[np.ndarray, int | None]:
-        """The candidate allocation (and exit layer) of highest predicted goodput (batch objective at batch > 1).
+        """The candidate allocation (and exit layer) of highest predicted goodput (at batch > 1: under
+        the batch objective).
 
         Acceptance comes from the table by ``cells``, from ``accept`` (batch, width) when given (the
         optimistic probe), or from an exit layer's shadow agreement where one has been measured.
