@@ -1,11 +1,29 @@
 """What the n-gram match-length hint is worth to ``adaptk`` under vLLM-like packed costs (exact replay).
 
-vLLM's n-gram proposer tells the scheduler what it drafted, not how long the matched n-gram was.
-This replays the bundled SmolLM2 prompt-lookup traces at one batch size under a packed linear cost
-fitted to the vLLM CPU engine's measured steps (``benchmarks/results/vllm-steps.json``, written by
-``vllm_steps.py``), and compares every fixed k with ``adaptk`` learning costs online (as inside
-vLLM) with the hint, without it, and without it while the drafter offers all or nothing (as vLLM's
-proposer does)::
+Replays prompt-lookup traces at one batch size under a packed linear cost fitted to the vLLM CPU
+engine's measured steps (``benchmarks/results/vllm-steps.json``, written by ``vllm_steps.py``), with
+drafts capped at the engine's ``K`` (``--k-max``, 8 as in ``bench_vllm.py``; capping a trace's match
+lengths at ``K`` is exact for every schedule that drafts at most ``K``). It compares every fixed
+``k`` with ``adaptk`` learning costs online (as inside vLLM) with the hint (the adapter computes it),
+and without it.
+
+Three trace sets by default, of the same 90 bundled Spec-Bench prompts:
+
+* the bundled ``smollm2-prompt-lookup`` traces: Hugging Face's prompt lookup, n = 1..3, 256 tokens;
+* ``benchmarks/data/smollm2-prompt-lookup-n1-3-96.npz``: the same drafter over 96-token outputs;
+* ``benchmarks/data/smollm2-prompt-lookup-vllm-ngram.npz``: the same 96-token outputs under vLLM's
+  ``ngram`` proposer as ``bench_vllm.py`` runs it, n = 2..4 (vLLM's rule — the longest n-gram in
+  range, its earliest occurrence, the continuation cut at the end of the text — is the one
+  :mod:`adaptk.ngram` implements).
+
+The two 96-token sets were recorded (greedy, so deterministic; ~6 min each) with::
+
+    adaptk record --drafter prompt_lookup --max-new-tokens 96 --k-max 8 --max-ngram 3 --min-ngram 1 \\
+        --threads 2 --batch-size 16 --out benchmarks/data/smollm2-prompt-lookup-n1-3-96.npz
+    adaptk record --drafter prompt_lookup --max-new-tokens 96 --k-max 8 --max-ngram 4 --min-ngram 2 \\
+        --threads 2 --batch-size 16 --out benchmarks/data/smollm2-prompt-lookup-vllm-ngram.npz
+
+Run::
 
     python benchmarks/hint_ablation.py          # a few seconds; writes benchmarks/results/hint-ablation.json
     python benchmarks/hint_ablation.py --objective step --out /tmp/hint-step.json   # adaptk's per-step rule
@@ -30,23 +48,16 @@ from adaptk.types import StepContext
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKED_ONLINE = {"name": "online", "ragged": "packed"}
+DATA = ROOT / "benchmarks" / "data"
+DEFAULT_TRACES = [bundled_trace_paths()["smollm2-prompt-lookup"], DATA / "smollm2-prompt-lookup-n1-3-96.npz",
+                  DATA / "smollm2-prompt-lookup-vllm-ngram.npz"]
 
 
 class WithoutMatchLength(AdaptK):
-    """``adaptk`` that is not told the matched n-gram length (vLLM does not report it)."""
+    """``adaptk`` that is not told the matched n-gram length."""
 
     def _decide(self, context: StepContext):  # noqa: ANN202
         return super()._decide(dataclasses.replace(context, match_ngram_lens=None))
-
-
-class WithoutMatchLengthAllOrNothing(WithoutMatchLength):
-    """... and whose drafter offers ``k_max`` tokens or none, as vLLM's proposer at ``K = k_max``."""
-
-    def _decide(self, context: StepContext):  # noqa: ANN202
-        offer = context.draft_available
-        if offer is not None:
-            offer = np.where(offer > 0, context.k_max, 0)
-        return super()._decide(dataclasses.replace(context, draft_available=offer))
 
 
 def vllm_like_cost(steps_file: Path, batch: int) -> tuple[RegressionLatency, float, float]:
@@ -61,34 +72,74 @@ def vllm_like_cost(steps_file: Path, batch: int) -> tuple[RegressionLatency, flo
     return RegressionLatency(ragged="packed").fit(samples), base, slope
 
 
+def capped_workload(traces: TraceSet, k_max: int) -> Workload:
+    """``traces`` as a drafter offering at most ``k_max`` tokens sees them."""
+    work = Workload(traces)
+    if k_max < work.k_max:
+        work.k_max = k_max
+        work.match_len = np.minimum(work.match_len, k_max)
+        if work.draft_avail is not None:
+            work.draft_avail = np.minimum(work.draft_avail, k_max)
+    return work
+
+
+def ablate(work: Workload, latency: RegressionLatency, batch_size: int, num_requests: int | None,
+           objective: str) -> dict[str, float]:
+    """Tokens/s of every fixed k up to the workload's cap and of adaptk with and without the hint."""
+    goodput = {f"fixed k={k}": replay(adaptk.make("fixed", k=k), work, latency, batch_size,
+                                      num_requests=num_requests).token_goodput
+               for k in range(work.k_max + 1)}
+    for label, controller in (("adaptk", AdaptK(latency=PACKED_ONLINE, objective=objective)),
+                              ("adaptk without the match length",
+                               WithoutMatchLength(latency=PACKED_ONLINE, objective=objective))):
+        goodput[label] = replay(controller, work, latency, batch_size, num_requests=num_requests).token_goodput
+    return goodput
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--k-max", type=int, default=8, help="the engine's K: drafts are capped here")
     parser.add_argument("--num-requests", type=int, default=None, help="replay only this many requests (default: all 90)")
+    parser.add_argument("--traces", type=Path, nargs="+", default=DEFAULT_TRACES, help="prompt-lookup trace files")
     parser.add_argument("--steps-file", type=Path, default=ROOT / "benchmarks" / "results" / "vllm-steps.json")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hint-ablation.json")
     parser.add_argument("--objective", default="throughput", choices=["throughput", "step"], help="adaptk's objective")
     args = parser.parse_args(argv)
     latency, base, slope = vllm_like_cost(args.steps_file, args.batch_size)
-    work = Workload(TraceSet.load(bundled_trace_paths()["smollm2-prompt-lookup"]))
-    n = args.num_requests
-    goodput = {f"fixed k={k}": replay(adaptk.make("fixed", k=k), work, latency, args.batch_size, num_requests=n).token_goodput
-               for k in range(9)}
-    best = max(goodput.values())
-    objective = args.objective
-    for label, controller in (("adaptk", AdaptK(latency=PACKED_ONLINE, objective=objective)),
-                              ("adaptk without the match length", WithoutMatchLength(latency=PACKED_ONLINE, objective=objective)),
-                              ("adaptk without it, all-or-nothing offers",
-                               WithoutMatchLengthAllOrNothing(latency=PACKED_ONLINE, objective=objective))):
-        goodput[label] = replay(controller, work, latency, args.batch_size, num_requests=n).token_goodput
-    print(f"batch {args.batch_size}, packed cost {base:.1f} ms + {slope:.2f} ms per drafted token (from {args.steps_file.name})")
-    for label, value in goodput.items():
-        print(f"{label:42s} {value:7.1f} tok/s  {value / best:.3f} of the best fixed k")
+    print(f"batch {args.batch_size}, K = {args.k_max}, packed cost {base:.1f} ms + {slope:.2f} ms per drafted token "
+          f"(from {args.steps_file.name})")
+    results = {}
+    for path in args.traces:
+        traces = TraceSet.load(path)
+        work = capped_workload(traces, args.k_max)
+        meta = traces.meta
+        goodput = ablate(work, latency, args.batch_size, args.num_requests, args.objective)
+        best = max(v for k, v in goodput.items() if k.startswith("fixed"))
+        offered = np.minimum(work.draft_avail[0], work.k_max)
+        results[path.stem] = {
+            "traces": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+            "ngram_range": [meta.get("min_ngram"), meta.get("max_ngram")],
+            "max_new_tokens": meta.get("max_new_tokens"),
+            "share_of_positions_offered": float((offered > 0).mean()),
+            "share_matched_by_one_token": float((work.ngram_len[0] == 1).mean()),
+            "first_draft_accepted_by_match_length": {
+                int(n): float((work.match_len[0][work.ngram_len[0] == n] > 0).mean())
+                for n in np.unique(work.ngram_len[0]) if n > 0},
+            "token_goodput": goodput,
+            "relative_to_best_fixed": {k: v / best for k, v in goodput.items()},
+        }
+        print(f"\n{path.name}: n = {meta.get('min_ngram')}..{meta.get('max_ngram')}, "
+              f"{results[path.stem]['share_of_positions_offered']:.0%} of positions offered a draft, "
+              f"{results[path.stem]['share_matched_by_one_token']:.0%} by a one-token match; first draft accepted "
+              + ", ".join(f"{p:.0%} after a {n}-token match"
+                          for n, p in results[path.stem]["first_draft_accepted_by_match_length"].items()))
+        for label, value in goodput.items():
+            print(f"  {label:34s} {value:7.1f} tok/s  {value / best:.3f} of the best fixed k")
     args.out.write_text(json.dumps({
-        "command": "python benchmarks/hint_ablation.py", "batch_size": args.batch_size, "num_requests": n,
-        "objective": objective,
-        "base_ms": base, "ms_per_drafted_token": slope, "token_goodput": goodput,
-        "relative_to_best_fixed": {k: v / best for k, v in goodput.items()},
+        "command": "python benchmarks/hint_ablation.py", "batch_size": args.batch_size, "k_max": args.k_max,
+        "num_requests": args.num_requests, "objective": args.objective,
+        "base_ms": base, "ms_per_drafted_token": slope, "trace_sets": results,
     }, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
