@@ -113,27 +113,27 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.traces:
         traces = TraceSet.load(path)
         work = capped_workload(traces, args.k_max)
+        if work.ngram_len is None or work.draft_avail is None:
+            parser.error(f"{path}: not a prompt-lookup trace set (it records no n-gram match lengths)")
         meta = traces.meta
         goodput = ablate(work, latency, args.batch_size, args.num_requests, args.objective)
         best = max(v for k, v in goodput.items() if k.startswith("fixed"))
-        offered = np.minimum(work.draft_avail[0], work.k_max)
-        results[path.stem] = {
+        matched = work.ngram_len[0]
+        info = results[path.stem] = {
             "traces": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
             "ngram_range": [meta.get("min_ngram"), meta.get("max_ngram")],
             "max_new_tokens": meta.get("max_new_tokens"),
-            "share_of_positions_offered": float((offered > 0).mean()),
-            "share_matched_by_one_token": float((work.ngram_len[0] == 1).mean()),
+            "share_of_positions_offered": float((work.draft_avail[0] > 0).mean()),
+            "share_matched_by_one_token": float((matched == 1).mean()),
             "first_draft_accepted_by_match_length": {
-                int(n): float((work.match_len[0][work.ngram_len[0] == n] > 0).mean())
-                for n in np.unique(work.ngram_len[0]) if n > 0},
+                int(n): float((work.match_len[0][matched == n] > 0).mean()) for n in np.unique(matched) if n > 0},
             "token_goodput": goodput,
             "relative_to_best_fixed": {k: v / best for k, v in goodput.items()},
         }
+        accepted = ", ".join(f"{p:.0%} after a {n}-token match" for n, p in info["first_draft_accepted_by_match_length"].items())
         print(f"\n{path.name}: n = {meta.get('min_ngram')}..{meta.get('max_ngram')}, "
-              f"{results[path.stem]['share_of_positions_offered']:.0%} of positions offered a draft, "
-              f"{results[path.stem]['share_matched_by_one_token']:.0%} by a one-token match; first draft accepted "
-              + ", ".join(f"{p:.0%} after a {n}-token match"
-                          for n, p in results[path.stem]["first_draft_accepted_by_match_length"].items()))
+              f"{info['share_of_positions_offered']:.0%} of positions offered a draft, "
+              f"{info['share_matched_by_one_token']:.0%} by a one-token match; first draft accepted {accepted}")
         for label, value in goodput.items():
             print(f"  {label:34s} {value:7.1f} tok/s  {value / best:.3f} of the best fixed k")
     args.out.write_text(json.dumps({
