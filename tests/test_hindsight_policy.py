@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -13,19 +10,10 @@ from adaptk.controllers.flagship import _HISTORY_STATES, _RATE_BUCKETS
 from adaptk.estimators.latency import get_latency_model
 from adaptk.sim.replay import replay
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hindsight_policy.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("hindsight_policy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_static_policy_cells_are_the_flagships(batch_size: int) -> None:
-    script = load_script()
+def test_static_policy_cells_are_the_flagships(batch_size: int, benchmark_script) -> None:
+    script = benchmark_script("hindsight_policy")
     work = load_workloads([bundled_trace_paths()["smollm2-prompt-lookup"]], SUITES["standard"])[
         "smollm2-prompt-lookup/math_reasoning"]
     latency = get_latency_model("smollm2-135m-cpu", drafter="prompt_lookup")

@@ -3,9 +3,6 @@ drafts at most K, and that the trace sets it reads are what its docstring says t
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 import adaptk
@@ -14,18 +11,9 @@ from adaptk.estimators.latency import get_latency_model
 from adaptk.sim.replay import Workload, replay
 from adaptk.sim.trace import TraceSet
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hint_ablation.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("hint_ablation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_capping_at_k_changes_no_schedule_that_drafts_at_most_k() -> None:
-    script = load_script()
+def test_capping_at_k_changes_no_schedule_that_drafts_at_most_k(benchmark_script) -> None:
+    script = benchmark_script("hint_ablation")
     traces = TraceSet.load(bundled_trace_paths()["smollm2-prompt-lookup"])
     latency = get_latency_model("smollm2-135m-cpu", drafter="prompt_lookup")
     full, capped = Workload(traces), script.capped_workload(traces, 8)
@@ -41,8 +29,8 @@ def test_capping_at_k_changes_no_schedule_that_drafts_at_most_k() -> None:
 
 @pytest.mark.parametrize(("name", "ngram_range"), [("smollm2-prompt-lookup-n1-3-96", [1, 3]),
                                                    ("smollm2-prompt-lookup-vllm-ngram", [2, 4])])
-def test_the_96_token_trace_sets_share_outputs_and_differ_in_the_ngram_range(name, ngram_range) -> None:
-    script = load_script()
+def test_the_96_token_trace_sets_share_outputs_and_differ_in_the_ngram_range(name, ngram_range, benchmark_script) -> None:
+    script = benchmark_script("hint_ablation")
     traces = TraceSet.load(script.DATA / f"{name}.npz")
     other = TraceSet.load(script.DATA / "smollm2-prompt-lookup-n1-3-96.npz")
     assert [traces.meta["min_ngram"], traces.meta["max_ngram"]] == ngram_range
