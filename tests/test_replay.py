@@ -88,3 +88,42 @@ def test_bad_arguments_raise():
         replay(adaptk.make("fixed"), hand_trace(), LinearCost(), batch_size=0)
     with pytest.raises(ValueError, match="arrival_rate"):
         replay(adaptk.make("fixed"), hand_trace(), LinearCost(), batch_size=1, arrival_rate=-1.0)
+    with pytest.raises(ValueError, match="timing_noise must"):
+        replay(adaptk.make("fixed"), hand_trace(), LinearCost(), batch_size=1, timing_noise=-0.1)
+    with pytest.raises(ValueError, match="timing_noise_corr"):
+        replay(adaptk.make("fixed"), hand_trace(), LinearCost(), batch_size=1, timing_noise=0.1, timing_noise_corr=1.0)
+
+
+class TimingRecorder(adaptk.SpeculationController):
+    """Drafts 2 and keeps the verify times it is told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: list[float] = []
+
+    def _decide(self, context):
+        return adaptk.Decision(num_draft_tokens=np.full(len(context.seq_ids), 2))
+
+    def _update(self, feedback):
+        self.told.append(feedback.verify_time_s)
+
+
+def long_trace() -> TraceSet:
+    rng = np.random.default_rng(0)
+    return TraceSet([Trace("p", "qa", prompt_len=5, match_len=rng.integers(0, 4, 3000))], "prompt_lookup", k_max=4)
+
+
+@pytest.mark.parametrize("corr", [0.0, 0.9])
+def test_timing_noise_reaches_the_controller_not_the_clock(corr):
+    traces = long_trace()
+    clean, noisy = TimingRecorder(), TimingRecorder()
+    exact = replay(clean, traces, LinearCost(), batch_size=1)
+    blurred = replay(noisy, traces, LinearCost(), batch_size=1, timing_noise=0.3, timing_noise_corr=corr)
+    # the decisions do not depend on timings here, so the clock must be identical to the last bit
+    assert blurred.total_time_s == exact.total_time_s
+    assert clean.told == [2.0] * len(clean.told)
+    log_factor = np.log(np.array(noisy.told) / 2.0)
+    assert log_factor.std() == pytest.approx(0.3, rel=0.15)
+    assert abs(log_factor.mean()) < 0.1
+    lag1 = np.corrcoef(log_factor[:-1], log_factor[1:])[0, 1]
+    assert lag1 == pytest.approx(corr, abs=0.08)

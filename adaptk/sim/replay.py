@@ -11,6 +11,12 @@ Batching is continuous: up to ``batch_size`` requests run at once, a finished re
 refilled at the next step from the requests that have arrived (all at time 0 by default, or
 Poisson arrivals at ``arrival_rate`` requests/s). Admitting requests costs their prefill, which
 produces each request's first token.
+
+``timing_noise`` models a shared, noisy machine: the step times handed to the controller are
+multiplied by ``exp(σ·z_t)``, ``z`` a unit AR(1) process (``timing_noise_corr`` its step-to-step
+correlation: 0 is independent jitter, 0.99 slow spells lasting ~100 steps), while the replay's
+clock keeps the true times. Every controller is scored on the same work and the same clock, so
+what the noise costs is what it does to the controller's decisions.
 """
 
 from __future__ import annotations
@@ -119,6 +125,8 @@ def replay(
     num_requests: int | None = None,
     seed: int = 0,
     exit_layer: int | None = None,
+    timing_noise: float = 0.0,
+    timing_noise_corr: float = 0.0,
 ) -> ReplayResult:
     """Replay ``controller`` on ``traces`` under ``latency`` (a latency model) and return metrics.
 
@@ -134,11 +142,18 @@ def replay(
     exit_layer
         Variant used when the controller does not choose an exit layer (early-exit traces); the
         deepest recorded exit layer by default.
+    timing_noise, timing_noise_corr
+        σ of the log-normal factor on the step times the controller is told, and the factor's
+        AR(1) step-to-step correlation (see the module docstring); the score uses true times.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if arrival_rate is not None and not arrival_rate > 0:
         raise ValueError(f"arrival_rate must be positive, got {arrival_rate!r}")
+    if not (isinstance(timing_noise, (int, float)) and 0.0 <= timing_noise < math.inf):
+        raise ValueError(f"timing_noise must be a finite number >= 0, got {timing_noise!r}")
+    if not (isinstance(timing_noise_corr, (int, float)) and 0.0 <= timing_noise_corr < 1.0):
+        raise ValueError(f"timing_noise_corr must lie in [0, 1), got {timing_noise_corr!r}")
     work = traces if isinstance(traces, Workload) else Workload(traces)
     if num_requests is None:
         num_requests = max(len(work), 4 * int(batch_size))
@@ -168,6 +183,9 @@ def replay(
     total_drafted = 0
     total_accepted = 0
     step_tokens = 0
+    noise_rng = np.random.default_rng([seed, 2])
+    noise_z = noise_rng.standard_normal() if timing_noise else 0.0
+    innovation = math.sqrt(1.0 - timing_noise_corr**2)
 
     while next_request < num_requests or len(req):
         # admit arrived requests into free slots; their prefill yields the first token
@@ -233,6 +251,10 @@ def replay(
 
         draft_s, verify_s = latency.predict_components(len(req), drafted, context_lens, cost_layer)
         now += draft_s + verify_s
+        if timing_noise:
+            told = math.exp(timing_noise * noise_z)
+            draft_s, verify_s = draft_s * told, verify_s * told
+            noise_z = timing_noise_corr * noise_z + innovation * noise_rng.standard_normal()
 
         signals: dict[str, Any] = {}
         if width and (want or stop_rule is not None):
