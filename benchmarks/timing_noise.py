@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [(label, seed, args.num_requests) for label in SETTINGS for seed in range(args.seeds)]
     with ProcessPoolExecutor(args.workers) as pool:
         runs = list(pool.map(run_setting, tasks))
-    header = " ".join(f"{'σ=%g%s' % (s, ' ρ=%g' % c if c else ''):>12s}" for s, c in NOISE)
+    header = " ".join(f"{f'σ={s:g}' + (f' ρ={c:g}' if c else ''):>12s}" for s, c in NOISE)
     summary: dict[str, dict[str, list[float]]] = {}
     for label in SETTINGS:
         print(f"\n{label}: median over seeds of goodput / best fixed k (controller told noisy timings)")
