@@ -27,6 +27,7 @@ Run::
 
     python benchmarks/hint_ablation.py          # a few seconds; writes benchmarks/results/hint-ablation.json
     python benchmarks/hint_ablation.py --objective step --out /tmp/hint-step.json   # adaptk's per-step rule
+    python benchmarks/hint_ablation.py --num-requests 16 --resume --out /tmp/hint-resumed.json   # a restart with saved state
 """
 
 from __future__ import annotations
@@ -84,14 +85,20 @@ def capped_workload(traces: TraceSet, k_max: int) -> Workload:
 
 
 def ablate(work: Workload, latency: RegressionLatency, batch_size: int, num_requests: int | None,
-           objective: str) -> dict[str, float]:
-    """Tokens/s of every fixed k up to the workload's cap and of adaptk with and without the hint."""
+           objective: str, resume: bool = False) -> dict[str, float]:
+    """Tokens/s of every fixed k up to the workload's cap and of adaptk with and without the hint.
+
+    ``resume``: each adaptk first serves every trace once in another order (seed 1), as a server
+    restarted with the state it saved (the vLLM adapter's ``state_file``) would have.
+    """
     goodput = {f"fixed k={k}": replay(adaptk.make("fixed", k=k), work, latency, batch_size,
                                       num_requests=num_requests).token_goodput
                for k in range(work.k_max + 1)}
     for label, controller in (("adaptk", AdaptK(latency=PACKED_ONLINE, objective=objective)),
                               ("adaptk without the match length",
                                WithoutMatchLength(latency=PACKED_ONLINE, objective=objective))):
+        if resume:
+            replay(controller, work, latency, batch_size, seed=1)
         goodput[label] = replay(controller, work, latency, batch_size, num_requests=num_requests).token_goodput
     return goodput
 
@@ -105,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-file", type=Path, default=ROOT / "benchmarks" / "results" / "vllm-steps.json")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hint-ablation.json")
     parser.add_argument("--objective", default="throughput", choices=["throughput", "step"], help="adaptk's objective")
+    parser.add_argument("--resume", action="store_true",
+                        help="adaptk starts with what it learned serving every trace once in another order")
     args = parser.parse_args(argv)
     latency, base, slope = vllm_like_cost(args.steps_file, args.batch_size)
     print(f"batch {args.batch_size}, K = {args.k_max}, packed cost {base:.1f} ms + {slope:.2f} ms per drafted token "
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if work.ngram_len is None or work.draft_avail is None:
             parser.error(f"{path}: not a prompt-lookup trace set (it records no n-gram match lengths)")
         meta = traces.meta
-        goodput = ablate(work, latency, args.batch_size, args.num_requests, args.objective)
+        goodput = ablate(work, latency, args.batch_size, args.num_requests, args.objective, args.resume)
         best = max(v for k, v in goodput.items() if k.startswith("fixed"))
         matched = work.ngram_len[0]
         info = results[path.stem] = {
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {label:34s} {value:7.1f} tok/s  {value / best:.3f} of the best fixed k")
     args.out.write_text(json.dumps({
         "command": "python benchmarks/hint_ablation.py", "batch_size": args.batch_size, "k_max": args.k_max,
-        "num_requests": args.num_requests, "objective": args.objective,
+        "num_requests": args.num_requests, "objective": args.objective, "resume": args.resume,
         "base_ms": base, "ms_per_drafted_token": slope, "trace_sets": results,
     }, indent=1) + "\n")
     print(f"wrote {args.out}")

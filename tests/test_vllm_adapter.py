@@ -230,6 +230,89 @@ def test_bad_arguments_fail_early(kwargs, message):
         adapter.engine_kwargs(**kwargs)
 
 
+def _trained_adaptk() -> adaptk.SpeculationController:
+    from adaptk.bench.runner import bundled_trace_paths
+    from adaptk.sim import TraceSet
+    from adaptk.sim.replay import replay
+
+    controller = adaptk.from_spec(adapter.price_packed({"name": "adaptk"}))
+    traces = TraceSet.load(bundled_trace_paths()["smollm2-prompt-lookup"])
+    replay(controller, traces, adaptk.estimators.get_latency_model("smollm2-135m-cpu", drafter="prompt_lookup"), 4,
+           num_requests=6)
+    return controller
+
+
+def test_controller_state_round_trips_through_a_file(tmp_path):
+    trained = _trained_adaptk()
+    path = tmp_path / "state.json"
+    adapter.save_controller_state(trained, path, next_seq_id=6)
+    assert not (tmp_path / "state.json.tmp").exists()
+    resumed = adaptk.from_spec(adapter.price_packed({"name": "adaptk"}))
+    assert adapter.load_controller_state(resumed, path) == 6
+    assert json.dumps(resumed.state_dict(), sort_keys=True) == json.dumps(trained.state_dict(), sort_keys=True)
+    context = adaptk.StepContext(step=0, seq_ids=[100, 101], context_lens=[300, 40], k_max=8,
+                                 draft_available=[8, 3], match_ngram_lens=[3, 1])
+    fresh = adaptk.from_spec(adapter.price_packed({"name": "adaptk"}))
+    assert list(resumed.decide(context).num_draft_tokens) == list(trained.decide(context).num_draft_tokens)
+    assert fresh.state_dict() != resumed.state_dict()
+
+
+def test_sequences_running_at_save_are_ended_on_load(tmp_path):
+    controller = adaptk.make("adaptk")
+    context = adaptk.StepContext(step=0, seq_ids=[0, 1], context_lens=[10, 10], k_max=8, draft_available=[8, 8])
+    k = controller.decide(context).num_draft_tokens
+    controller.update(adaptk.Feedback(seq_ids=[0, 1], num_draft_tokens=k, num_accepted_tokens=[int(k[0]), 0]))
+    path = tmp_path / "state.json"
+    adapter.save_controller_state(controller, path, live_seq_ids=[0, 1], next_seq_id=2)
+    resumed = adaptk.make("adaptk")
+    assert adapter.load_controller_state(resumed, path) == 2
+    ended = adaptk.make("adaptk")
+    ended.load_state_dict(controller.state_dict())
+    ended.on_sequence_end(0)
+    ended.on_sequence_end(1)
+    dump = lambda c: json.dumps(c.state_dict(), sort_keys=True)  # noqa: E731
+    assert dump(resumed) == dump(ended) != dump(controller)  # the per-sequence state is gone, the rest kept
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not a readable adaptk state file"),
+        ('{"format": "something else"}', "not an adaptk state file"),
+        ('{"format": "adaptk-vllm-state/1", "controller_state": {}, "live_seq_ids": "x", "next_seq_id": 0}',
+         "live_seq_ids must be a list"),
+        (None, "state is for controller 'fixed', not 'adaptk'"),
+    ],
+)
+def test_a_state_file_that_does_not_fit_is_refused_and_changes_nothing(tmp_path, content, message):
+    path = tmp_path / "state.json"
+    if content is None:
+        adapter.save_controller_state(adaptk.make("fixed", k=3), path)
+    else:
+        path.write_text(content)
+    controller = _trained_adaptk()
+    before = json.dumps(controller.state_dict(), sort_keys=True)
+    with pytest.raises(ValueError, match=message):
+        adapter.load_controller_state(controller, path)
+    assert json.dumps(controller.state_dict(), sort_keys=True) == before
+
+
+def test_state_file_settings_travel_and_are_checked(tmp_path):
+    kw = adapter.engine_kwargs("adaptk", state_file=tmp_path / "s.json", save_state_every_s=5)
+    settings = kw["additional_config"]["adaptk"]
+    assert settings["state_file"] == str((tmp_path / "s.json").resolve()) and settings["save_state_every_s"] == 5.0
+    assert "state_file" not in adapter.engine_kwargs("adaptk")["additional_config"]["adaptk"]
+    flags = adapter.serve_args("adaptk", state_file=tmp_path / "s.json")
+    assert json.loads(flags[flags.index("--additional-config") + 1]) == {
+        "adaptk": {**settings, "save_state_every_s": 60.0}}
+    with pytest.raises(ValueError, match="state_file must be a file in an existing directory"):
+        adapter.engine_kwargs("adaptk", state_file=tmp_path / "missing-dir" / "s.json")
+    with pytest.raises(ValueError, match="state_file must be a file"):
+        adapter.engine_kwargs("adaptk", state_file=tmp_path)
+    with pytest.raises(ValueError, match="save_state_every_s"):
+        adapter.engine_kwargs("adaptk", state_file=tmp_path / "s.json", save_state_every_s=-1)
+
+
 def test_module_does_not_import_vllm():
     code = "import sys, adaptk.adapters.vllm as a; a.engine_kwargs('fixed'); print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -577,6 +660,45 @@ def test_steps_that_prefill_report_no_time(tiny_models, tiny_reference):
     untimed = _check_untimed_prefill_steps(controller)
     assert untimed >= 1, "no request was prefilled beside a decoding one"
     assert hook.num_untimed_steps == untimed
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_a_restarted_engine_resumes_what_the_controller_learned(tiny_models, tiny_reference, tmp_path):
+    state = tmp_path / "adaptk-state.json"
+    kw = adapter.engine_kwargs("adaptk", method="ngram", k_max=3, state_file=state, save_state_every_s=0,
+                               prompt_lookup_min=1, prompt_lookup_max=3)
+    first = _make_llm(tiny_models[0], **kw)
+    assert _greedy(first, PROMPTS) == tiny_reference
+    saved = json.loads(state.read_text())
+    assert saved["live_seq_ids"] == [] and saved["next_seq_id"] == len(PROMPTS)
+    learned = adapter.scheduler_hook(first).controller.state_dict()
+    assert json.dumps(saved["controller_state"], sort_keys=True) == json.dumps(learned, sort_keys=True)
+
+    second = _make_llm(tiny_models[0], **kw)  # a restart: the controller starts where the first left off
+    resumed = adapter.scheduler_hook(second)
+    assert not resumed.fell_back
+    assert json.dumps(resumed.controller.state_dict(), sort_keys=True) == json.dumps(learned, sort_keys=True)
+    assert _greedy(second, PROMPTS) == tiny_reference
+
+    state.write_text("{broken")
+    hourly = adapter.engine_kwargs("adaptk", method="ngram", k_max=3, state_file=state, save_state_every_s=3600,
+                                   prompt_lookup_min=1, prompt_lookup_max=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        third = _make_llm(tiny_models[0], **hourly)
+    assert any("not a readable adaptk state file" in str(w.message) for w in caught)
+    assert (tmp_path / "adaptk-state.json.unreadable").read_text() == "{broken"  # kept, not lost
+    hook = adapter.scheduler_hook(third)
+    assert hook.active and not hook.fell_back
+    assert _greedy(third, PROMPTS) == tiny_reference
+    assert not state.exists()  # not due for an hour ...
+    # what EngineCore.shutdown() calls; the whole engine is not shut down here because in-process
+    # engines share vLLM's global state (shutting one down breaks the ones the later tests build)
+    third.llm_engine.engine_core.engine_core.scheduler.shutdown()
+    saved = json.loads(state.read_text())  # ... but written when the engine shuts down
+    assert json.dumps(saved["controller_state"], sort_keys=True) == json.dumps(hook.controller.state_dict(),
+                                                                                sort_keys=True)
 
 
 _SUBPROCESS_SCRIPT = """

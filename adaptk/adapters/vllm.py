@@ -40,6 +40,10 @@ every engine step:
   metrics), plus the step's wall time — none (0 s) for a step that also ran prompt tokens, whose
   time is not a decode step's cost.
 * ends sequences when vLLM reports them finished or preempted.
+* with ``state_file``, loads what the controller learned in an earlier run of the engine at start,
+  and writes it back every ``save_state_every_s`` seconds and when the engine shuts down (atomically:
+  a crash leaves the previous file), so a restarted server does not learn costs and acceptance
+  from nothing again (:func:`save_controller_state`).
 
 The K chosen is never more than ``num_speculative_tokens`` (``k_max``): more kills the engine.
 
@@ -63,6 +67,8 @@ import os
 import time
 import warnings
 from array import array
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,7 +87,9 @@ __all__ = [
     "check_vllm",
     "controller_spec",
     "engine_kwargs",
+    "load_controller_state",
     "model_dir_for_vllm",
+    "save_controller_state",
     "scheduler_hook",
     "serve_args",
 ]
@@ -102,6 +110,7 @@ ENV_SPEC = "ADAPTK_VLLM_CONFIG"
 SCHEDULER_CLS = "adaptk.adapters.vllm.AdaptkScheduler"
 
 _DEFAULT_FALLBACK_K = 2
+_STATE_FORMAT = "adaptk-vllm-state/1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,13 +195,66 @@ def price_packed(spec: dict) -> dict:
     return {"name": spec["name"], "params": {**params, "latency": dict(PACKED_ONLINE_LATENCY)}}
 
 
-def _adaptk_config(controller: Any, controller_params: dict | None, fallback_k: int, k_max: int) -> dict:
+def _adaptk_config(controller: Any, controller_params: dict | None, fallback_k: int, k_max: int,
+                   state_file: str | os.PathLike[str] | None, save_state_every_s: float) -> dict:
     if isinstance(fallback_k, bool) or not isinstance(fallback_k, int) or fallback_k < 0:
         raise ValueError(f"fallback_k must be a non-negative int, got {fallback_k!r}")
-    return {
+    config: dict[str, Any] = {
         "controller": price_packed(controller_spec(controller, controller_params)),
         "fallback_k": min(fallback_k, k_max),
     }
+    if state_file is not None:
+        path = Path(state_file).expanduser().resolve()
+        if path.is_dir() or not path.parent.is_dir():
+            raise ValueError(f"state_file must be a file in an existing directory, got {str(state_file)!r}")
+        if isinstance(save_state_every_s, bool) or not isinstance(save_state_every_s, (int, float)) \
+                or not 0 <= save_state_every_s < float("inf"):
+            raise ValueError(f"save_state_every_s must be a finite number >= 0, got {save_state_every_s!r}")
+        config["state_file"] = str(path)  # absolute: the engine process may run elsewhere
+        config["save_state_every_s"] = float(save_state_every_s)
+    return config
+
+
+def save_controller_state(controller: SpeculationController, path: str | os.PathLike[str],
+                          live_seq_ids: Iterable[int] = (), next_seq_id: int = 0) -> None:
+    """Write ``controller``'s learned state to ``path`` (JSON) atomically, as the engine does.
+
+    ``live_seq_ids`` are sequences still running (their state is dropped on load, their ids not
+    reused); ``next_seq_id`` is the first id the engine had not handed out yet.
+    """
+    path = Path(path)
+    payload = {"format": _STATE_FORMAT, "controller_state": controller.state_dict(),
+               "live_seq_ids": sorted(int(i) for i in live_seq_ids), "next_seq_id": int(next_seq_id)}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous file
+
+
+def load_controller_state(controller: SpeculationController, path: str | os.PathLike[str]) -> int:
+    """Load what :func:`save_controller_state` wrote into ``controller``; return the next free sequence id.
+
+    Raises ``ValueError`` naming what is wrong (not such a file, another controller or other
+    parameters); the controller is then left as it was built.
+    """
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable adaptk state file ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != _STATE_FORMAT:
+        raise ValueError(f"{path}: not an adaptk state file (format {_STATE_FORMAT!r} expected)")
+    live, next_seq_id = payload.get("live_seq_ids"), payload.get("next_seq_id")
+    if not isinstance(live, list) or not all(isinstance(i, int) for i in live) or not isinstance(next_seq_id, int):
+        raise ValueError(f"{path}: live_seq_ids must be a list of ints and next_seq_id an int")
+    fresh = controller.state_dict()
+    try:
+        controller.load_state_dict(payload.get("controller_state"))
+        for seq_id in live:  # requests that were running when it was saved are gone
+            controller.on_sequence_end(seq_id)
+    except Exception as exc:
+        controller.load_state_dict(fresh)
+        raise ValueError(f"{path}: {exc}") from exc
+    return next_seq_id
 
 
 def _speculative_config(method: str, k_max: int, draft_model: str | None, options: dict[str, Any]) -> dict:
@@ -226,6 +288,8 @@ def engine_kwargs(
     *,
     controller_params: dict[str, Any] | None = None,
     fallback_k: int = _DEFAULT_FALLBACK_K,
+    state_file: str | os.PathLike[str] | None = None,
+    save_state_every_s: float = 60.0,
     **options: Any,
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM(model, **engine_kwargs(...))``.
@@ -235,7 +299,7 @@ def engine_kwargs(
     controller
         A registered controller name (``"fixed"``, ``"hf-heuristic"``, ...), a spec
         ``{"name": ..., "params": {...}}`` or a registered controller instance (its constructor
-        parameters are sent; learned state is not).
+        parameters are sent; learned state is not: use ``state_file``).
     method
         vLLM's drafter: ``"ngram"`` (prompt lookup) or ``"draft_model"``.
     k_max
@@ -247,6 +311,13 @@ def engine_kwargs(
     fallback_k
         The fixed K the engine falls back to if the controller or the hook fails (capped at
         ``k_max``).
+    state_file
+        A JSON file for what the controller learns: loaded when the engine starts (if it exists),
+        written every ``save_state_every_s`` seconds of serving and at shutdown. A file that does
+        not fit the controller (another name or other parameters) is moved aside to
+        ``<name>.unreadable`` with a warning and the controller starts fresh.
+    save_state_every_s
+        Seconds between writes (0: after every step).
     **options
         Extra ``speculative_config`` entries, e.g. ``prompt_lookup_min=2, prompt_lookup_max=4``.
         Engine options (``dtype``, ``enforce_eager``, ...) go to ``LLM`` beside these kwargs.
@@ -261,7 +332,8 @@ def engine_kwargs(
     return {
         "scheduler_cls": SCHEDULER_CLS,
         "speculative_config": spec_config,
-        "additional_config": {ADDITIONAL_CONFIG_KEY: _adaptk_config(controller, controller_params, fallback_k, k_max)},
+        "additional_config": {ADDITIONAL_CONFIG_KEY: _adaptk_config(
+            controller, controller_params, fallback_k, k_max, state_file, save_state_every_s)},
     }
 
 
@@ -273,6 +345,8 @@ def serve_args(
     *,
     controller_params: dict[str, Any] | None = None,
     fallback_k: int = _DEFAULT_FALLBACK_K,
+    state_file: str | os.PathLike[str] | None = None,
+    save_state_every_s: float = 60.0,
     **options: Any,
 ) -> list[str]:
     """The same settings as :func:`engine_kwargs`, as ``vllm serve`` command-line flags.
@@ -284,7 +358,8 @@ def serve_args(
     ('--speculative-config', '--additional-config')
     """
     kw = engine_kwargs(
-        controller, method, k_max, draft_model, controller_params=controller_params, fallback_k=fallback_k, **options
+        controller, method, k_max, draft_model, controller_params=controller_params, fallback_k=fallback_k,
+        state_file=state_file, save_state_every_s=save_state_every_s, **options
     )
     return [
         "--scheduler-cls",
@@ -416,6 +491,9 @@ class _Hook:
         self._ngram_range = (1, 1)  # vLLM's prompt_lookup_min / _max, for the match-length hint
         self.num_decisions = 0
         self.num_feedbacks = 0
+        self.state_file: Path | None = None
+        self._save_every_s = 60.0
+        self._saved_at = time.perf_counter()
         try:
             self._start()
         except Exception as exc:  # noqa: BLE001 - never stop the engine
@@ -472,12 +550,49 @@ class _Hook:
         if self.decide_at_draft:
             spec = self.scheduler.vllm_config.speculative_config
             self._ngram_range = (int(spec.prompt_lookup_min or 1), int(spec.prompt_lookup_max or spec.prompt_lookup_min or 1))
+        if settings.get("state_file"):
+            self.state_file = Path(settings["state_file"])
+            self._save_every_s = float(settings.get("save_state_every_s", 60.0))
+            self._restore(controller)
         self.guard = GuardedController(controller, fallback_k=self.fallback_k)
         self.scheduler.dynamic_sd_lookup = _Lookup(self, len(self._base_lookup))
         self.active = True
         logger.info(
             "adaptk: %r chooses K in [0, %d] every step (fallback K=%d)", controller, self.k_max, self.fallback_k
         )
+
+    def _restore(self, controller: SpeculationController) -> None:
+        if not self.state_file.exists():
+            logger.info("adaptk: no state file at %s yet; the controller starts fresh", self.state_file)
+            return
+        try:
+            self._next_seq_id = load_controller_state(controller, self.state_file)
+        except ValueError as exc:
+            aside = self.state_file.with_name(self.state_file.name + ".unreadable")
+            try:
+                os.replace(self.state_file, aside)  # keep it for the user, out of the way of the next write
+                message = f"adaptk: {exc}; moved to {aside}, the controller starts fresh"
+            except OSError as move_error:
+                self.state_file = None  # never overwrite a file that could not be kept
+                message = f"adaptk: {exc}; could not move it aside ({move_error}), the controller starts fresh " \
+                          "and its state is not saved"
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        else:
+            logger.info("adaptk: the controller resumes from %s", self.state_file)
+
+    def save_state(self) -> None:
+        """Write the controller's learned state to the state file now (no-op without one)."""
+        if self.state_file is None or not self.active or self.guard is None or self.guard.failed:
+            return  # a controller that raised may hold broken state: keep the last good file
+        try:
+            save_controller_state(self.guard.controller, self.state_file, self._live, self._next_seq_id)
+        except Exception as exc:  # noqa: BLE001 - serving matters more than saving
+            message = f"adaptk: could not write {self.state_file} ({type(exc).__name__}: {exc}); saving stops"
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            self.state_file = None
+        self._saved_at = time.perf_counter()
 
     def disable(self, reason: str) -> None:
         """Stop steering: fixed K from now on, one warning."""
@@ -530,7 +645,8 @@ class _Hook:
 
         For in-process engines (tests, benchmarks that compare controllers on one engine). A name or
         spec is priced for packed batches as in :func:`engine_kwargs` (:func:`price_packed`); an
-        instance runs as built. It gets its own :class:`GuardedController`.
+        instance runs as built. It gets its own :class:`GuardedController`. State saving
+        (``state_file``) stops: the file belongs to the controller the engine was started with.
         """
         if self.reason is not None:
             raise RuntimeError(f"the adaptk hook is off: {self.reason}")
@@ -539,6 +655,7 @@ class _Hook:
         self._live.clear()
         self._caps.clear()
         self._draft_step.clear()
+        self.state_file = None
         self.guard = GuardedController(from_spec(controller), fallback_k=self.fallback_k)
         self.active = True
 
@@ -712,6 +829,8 @@ class _Hook:
         if rows:
             self._guarded("update_from_output (feedback)", self._send, rows, step_time, output)
         self._guarded("update_from_output (finished)", self._end_finished, output)
+        if self.active and self.state_file is not None and now - self._saved_at >= self._save_every_s:
+            self.save_state()  # after the finished requests ended: they are not saved as running
 
     @staticmethod
     def _prefilled(output: Any) -> bool:
@@ -820,6 +939,14 @@ class _AdaptkSchedulerMixin:
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         self.adaptk.send_feedback(scheduler_output, rows)
         return outputs
+
+    def shutdown(self) -> None:
+        hook = getattr(self, "adaptk", None)
+        if hook is not None:
+            hook.save_state()
+        parent = getattr(super(), "shutdown", None)
+        if parent is not None:
+            parent()
 
 
 _CLASSES: dict[str, type] = {}
