@@ -233,7 +233,7 @@ def save_controller_state(controller: SpeculationController, path: str | os.Path
 def load_controller_state(controller: SpeculationController, path: str | os.PathLike[str]) -> int:
     """Load what :func:`save_controller_state` wrote into ``controller``; return the next free sequence id.
 
-    Raises ``ValueError`` naming what is wrong (not such a file, another controller or other
+    Raises ``ValueError`` naming what is wrong (not a state file, another controller or other
     parameters); the controller is then left as it was built.
     """
     path = Path(path)
