@@ -12,7 +12,9 @@
 #    `import transformers` ("operator torchvision::nms does not exist"); text models need none of
 #    them, so they are removed.
 #  * adaptk goes in with --no-deps: its light dependencies are installed explicitly, so pip cannot
-#    move vLLM's pins.
+#    move vLLM's pins. `accelerate` lets this env convert SmolLM2 from its GGUF itself (transformers
+#    needs it to load a GGUF), so the vLLM tests also run on a machine where the main env has not
+#    converted it first.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,7 +43,7 @@ fi
 # Safe to repeat: pip only warns when they are already gone.
 $PIP uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
-$PIP install --quiet numpy scikit-learn river typer rich matplotlib filelock gguf pytest hypothesis
+$PIP install --quiet numpy scikit-learn river typer rich matplotlib filelock gguf accelerate pytest hypothesis "torch==2.13.0"
 $PIP install --quiet --no-deps -e "$ROOT"
 
 "$VENV/bin/python" - <<'PY'
