@@ -69,15 +69,27 @@ def smartspec_select(goodput: np.ndarray, bonus: float = 1.1) -> int:
 
 
 class _Goodput(_CostAware):
-    """SmartSpec's cost side: the profile is refitted with SmartSpec's regression (``regression``)."""
+    """SmartSpec's parameters and cost side: the profile is refitted with SmartSpec's regression
+    (``regression``)."""
+
+    def __init__(self, latency: LatencySpec, initial_acceptance: float, weight_new: float,
+                 redecide_every: int, bonus: float, regression: bool) -> None:
+        super().__init__(latency)
+        _check_common(initial_acceptance, weight_new, redecide_every, bonus)
+        self.latency = latency
+        self.initial_acceptance = initial_acceptance
+        self.weight_new = weight_new
+        self.redecide_every = redecide_every
+        self.bonus = bonus
+        self.regression = regression
 
     def latency_model(self) -> LatencyModel:
         if self._online is not None:
             return self._online
         if self._model is None:
-            latency = self.latency  # type: ignore[attr-defined]
+            latency = self.latency
             base = latency if isinstance(latency, LatencyModel) else get_latency_model(latency)
-            if self.regression:  # type: ignore[attr-defined]
+            if self.regression:
                 base = RegressionLatency.from_model(base, batch_sizes=PROFILE_BATCH_SIZES, ks=PROFILE_KS,
                                                     context_lens=PROFILE_CONTEXT_LENS, seed=0)
             self._model = base
@@ -122,14 +134,7 @@ class SmartSpec(_Goodput):
         bonus: float = 1.1,
         regression: bool = True,
     ) -> None:
-        super().__init__(latency)
-        _check_common(initial_acceptance, weight_new, redecide_every, bonus)
-        self.latency = latency
-        self.initial_acceptance = initial_acceptance
-        self.weight_new = weight_new
-        self.redecide_every = redecide_every
-        self.bonus = bonus
-        self.regression = regression
+        super().__init__(latency, initial_acceptance, weight_new, redecide_every, bonus, regression)
         self._alpha = _GlobalAcceptance(weight_new, initial_acceptance, "ratio")
         self._k: int | None = None
         self._since = 0
@@ -196,14 +201,7 @@ class SmartSpecPerRequest(_Goodput):
         bonus: float = 1.1,
         regression: bool = True,
     ) -> None:
-        super().__init__(latency)
-        _check_common(initial_acceptance, weight_new, redecide_every, bonus)
-        self.latency = latency
-        self.initial_acceptance = initial_acceptance
-        self.weight_new = weight_new
-        self.redecide_every = redecide_every
-        self.bonus = bonus
-        self.regression = regression
+        super().__init__(latency, initial_acceptance, weight_new, redecide_every, bonus, regression)
         self._alpha = AcceptanceEWMA(weight_new=weight_new, initial=initial_acceptance, mode="ratio")
         self._alloc: dict[int, int] = {}
         self._theta = math.inf
