@@ -246,7 +246,7 @@ def test_controller_state_round_trips_through_a_file(tmp_path):
     trained = _trained_adaptk()
     path = tmp_path / "state.json"
     adapter.save_controller_state(trained, path, next_seq_id=6)
-    assert not (tmp_path / "state.json.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left
     resumed = adaptk.from_spec(adapter.price_packed({"name": "adaptk"}))
     assert adapter.load_controller_state(resumed, path) == 6
     assert json.dumps(resumed.state_dict(), sort_keys=True) == json.dumps(trained.state_dict(), sort_keys=True)
@@ -255,6 +255,15 @@ def test_controller_state_round_trips_through_a_file(tmp_path):
     fresh = adaptk.from_spec(adapter.price_packed({"name": "adaptk"}))
     assert list(resumed.decide(context).num_draft_tokens) == list(trained.decide(context).num_draft_tokens)
     assert fresh.state_dict() != resumed.state_dict()
+
+
+def test_a_failed_state_write_raises_and_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "state.json"
+    target.mkdir()  # the rename onto it fails after the temporary file is written
+    with pytest.raises(OSError):
+        adapter.save_controller_state(adaptk.make("adaptk"), target)
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+    assert target.is_dir() and not any(target.iterdir())
 
 
 def test_sequences_running_at_save_are_ended_on_load(tmp_path):

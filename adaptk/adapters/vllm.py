@@ -225,9 +225,14 @@ def save_controller_state(controller: SpeculationController, path: str | os.Path
     path = Path(path)
     payload = {"format": _STATE_FORMAT, "controller_state": controller.state_dict(),
                "live_seq_ids": sorted(int(i) for i in live_seq_ids), "next_seq_id": int(next_seq_id)}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous file
+    # one temporary name per process: engine cores of one server (data parallel) may share a file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous file
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_controller_state(controller: SpeculationController, path: str | os.PathLike[str]) -> int:
