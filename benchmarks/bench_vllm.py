@@ -49,6 +49,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -93,16 +94,20 @@ def interleave_tasks(tasks_prompts: list[tuple[str, str]]) -> list[tuple[str, st
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
+def prompts_per_task(count: int, min_per_task: int = 1) -> int:
+    """How many prompts of each task :func:`batched_requests` draws for ``count`` requests."""
+    return max(min_per_task, -(-count // len(TASKS)))
+
+
 def batched_requests(count: int, min_per_task: int = 1) -> list[tuple[str, str]]:
     """``count`` (task, prompt) requests for concurrency > 1: :func:`load_prompts`, tasks interleaved."""
-    per_task = max(min_per_task, -(-count // len(TASKS)))
-    return interleave_tasks(load_prompts(per_task))[:count]
+    return interleave_tasks(load_prompts(prompts_per_task(count, min_per_task)))[:count]
 
 
 def other_requests(count: int, skip_per_task: int) -> list[tuple[str, str]]:
     """``count`` (task, prompt) requests, tasks interleaved, none of the first ``skip_per_task`` of
     any task (the prompts :func:`batched_requests` and :func:`load_prompts` use)."""
-    per_task = skip_per_task + max(1, -(-count // len(TASKS)))
+    per_task = skip_per_task + prompts_per_task(count)
     kept: dict[str, int] = defaultdict(int)
     fresh = []
     for task, prompt in load_prompts(per_task):
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--resumed keeps what a controller learned; it cannot go with --fresh-controllers")
     specs += [(f"{label} (resumed)", spec) for label, spec in resumed_specs]
     notes += resumed_notes
-    timed_per_task = max(args.prompts_per_task, -(-len(batched_tasks_prompts) // len(TASKS)))
+    timed_per_task = prompts_per_task(len(batched_tasks_prompts), args.prompts_per_task)
     resume_prompts = chat_prompts(tokenizer, other_requests(args.resume_requests, timed_per_task)) \
         if resumed_specs else []
     for note in notes:
@@ -270,8 +275,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def resumed_controller(spec: dict, requests: list[str], concurrency: int):
         """A controller that served ``requests`` at ``concurrency``, then went through a state file."""
-        import tempfile
-
         served = adaptk.from_spec(adapter.price_packed(spec))
         hook.set_controller(served)
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)

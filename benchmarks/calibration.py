@@ -21,6 +21,7 @@ has them, so long probes read a little less optimistic here than they were.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -74,14 +75,15 @@ def _first_token(rounds: list[dict]) -> dict:
             "measured": float(np.mean([r["accepted"] > 0 for r in rounds]))}
 
 
-def _workload(name: str):
-    return load_workloads([bundled_trace_paths()[TRACES]], SUITES["standard"])[name]
+@functools.cache
+def _workloads() -> dict:
+    return load_workloads([bundled_trace_paths()[TRACES]], SUITES["standard"])
 
 
 def sensitivity(names: list[str]) -> list[dict]:
     """Goodput of each variant in ``VARIANTS`` relative to the defaults, per workload."""
     latency = get_latency_model(PROFILE, drafter="prompt_lookup")
-    workloads = {name: _workload(name) for name in names}
+    workloads = _workloads()
 
     def goodputs(params: dict) -> np.ndarray:
         return np.array([replay(AdaptK(latency=PROFILE, **params), workloads[name], latency, 1).token_goodput
@@ -97,7 +99,7 @@ def sensitivity(names: list[str]) -> list[dict]:
 
 
 def calibrate(workload_name: str) -> dict:
-    workload = _workload(workload_name)
+    workload = _workloads()[workload_name]
     latency = get_latency_model(PROFILE, drafter="prompt_lookup")
     controller = LoggedAdaptK(latency=PROFILE)
     result = replay(controller, workload, latency, 1)
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sensitivity", action="store_true", help="also replay the decay / prior_strength variants")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "calibration.json")
     args = parser.parse_args(argv)
-    names = args.workloads or sorted(load_workloads([bundled_trace_paths()[TRACES]], SUITES["standard"]))
+    names = args.workloads or sorted(_workloads())
     names = [n if n.startswith(TRACES) else f"{TRACES}/{n}" for n in names]
     rows = [calibrate(name) for name in names]
     print("first draft token, estimated/measured, over: all rounds | long rounds | every round of the long rounds' "
