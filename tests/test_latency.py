@@ -277,6 +277,37 @@ def test_optimistic_online_prices_an_untried_longer_verify_like_the_longest_trie
     assert verify(optimistic, 8) > 0.02
 
 
+def test_bounded_optimism_prices_one_token_beyond_the_longest_measured_and_no_further() -> None:
+    cautious = OnlineLatency(ragged="padded")
+    bounded = OnlineLatency(ragged="padded", optimistic=True, reach=1)
+
+    def verify(model, k, ctx=600):
+        return model.predict_components(8, [k] * 8, [ctx] * 8)[1]
+
+    # nothing measured yet: nothing is priced optimistically, so plain decoding gets measured first
+    assert [verify(bounded, k) for k in range(4)] == pytest.approx([verify(cautious, k) for k in range(4)])
+    for model in (cautious, bounded):
+        for _ in range(20):
+            model.observe(8, [0] * 8, [600] * 8, 0.0, 0.0070)
+            model.observe(8, [0] * 8, [4000] * 8, 0.0, 0.0090)
+    assert verify(bounded, 1) == pytest.approx(verify(bounded, 0))    # one token beyond: priced like plain
+    assert verify(bounded, 2) == pytest.approx(verify(cautious, 2))   # two beyond: as the model predicts
+    assert verify(cautious, 1) > 1.2 * verify(bounded, 1)
+    bounded.observe(8, [1] * 8, [600] * 8, 0.0, 0.0350)  # the try: a second token costs 5x the first
+    assert verify(bounded, 1) > 0.02
+    assert verify(bounded, 2) == pytest.approx(verify(bounded, 1))    # the walk would go on only from there
+    # a try counts at this batch size whatever the context: at 4000 the second token is no longer
+    # priced like plain decoding there (0.009), but as the model predicts from the try
+    assert verify(bounded, 0, ctx=4000) == pytest.approx(0.009)
+    assert verify(bounded, 1, ctx=4000) > 0.015
+
+
+def test_reach_must_be_a_positive_int() -> None:
+    for reach in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="reach"):
+            OnlineLatency(optimistic=True, reach=reach)
+
+
 def test_online_by_name_and_spec() -> None:
     assert isinstance(get_latency_model("online"), OnlineLatency)
     model = get_latency_model({"name": "online", "ragged": "packed", "optimistic": True}, drafter="prompt_lookup")

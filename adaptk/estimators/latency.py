@@ -747,8 +747,12 @@ class OnlineLatency(LatencyModel):
     at the cost of the longest one measured (verify cost does not fall as tokens are added, so
     that is a lower bound). A controller that maximises goodput under it tries a longer draft
     once, measures it, and learns whether it pays; under the prior alone it would never learn
-    that an H100 verifies 16 tokens per row for the price of 2. It suits packed batches, where a
-    try costs only the tokens it adds; in a padded batch one long try makes every row pay for it.
+    that an H100 verifies 16 tokens per row for the price of 2. Unbounded, it suits packed
+    batches, where a try costs only the tokens it adds; in a padded batch one long try makes every
+    row pay for it (on this project's CPU a padded batch of 64 verifying 17 tokens per row takes
+    many plain steps). ``reach`` bounds it: only lengths up to ``reach`` tokens per row beyond
+    the longest measured are priced like it, longer ones as the model predicts. With ``reach=1``
+    a controller walks up one token per row at a time and stops where the measured cost rises.
 
     Cells use step size ``max(w / count, weight_new · w)`` (``w`` the cell's share of the
     observation): an exact running mean at first, then an EWMA that follows drift; ``forget``
@@ -766,9 +770,12 @@ class OnlineLatency(LatencyModel):
     def __init__(self, ragged: str = "padded", prior_step_s: float = 0.03, prior_token_cost: float = 0.03,
                  prior_draft_cost: float = 0.1, forget: float = 0.995, weight_new: float = 0.1,
                  max_tokens: int = 33, max_batch: int = 1024, max_context: int = 1 << 20,
-                 optimistic: bool = False) -> None:
+                 optimistic: bool = False, reach: int | None = None) -> None:
         self.ragged = _check_ragged(ragged)
         self.optimistic = bool(optimistic)
+        if reach is not None and (isinstance(reach, bool) or not isinstance(reach, int) or reach < 1):
+            raise ValueError(f"reach must be None or an int >= 1, got {reach!r}")
+        self.reach = reach
         self.prior_step_s = prior_step_s
         self.prior_token_cost = prior_token_cost
         self.prior_draft_cost = prior_draft_cost
@@ -820,10 +827,10 @@ class OnlineLatency(LatencyModel):
         return out
 
     def _explored(self, corners: list[tuple[int, int, float]]) -> float:
-        """The most tokens per row measured in any of these cells (1 when none)."""
-        top = 1
-        for bi, ci, _ in corners:
-            seen = np.flatnonzero(self._counts[bi, ci] >= 0.5)
+        """The most tokens per row measured in any of these cells (0 when none)."""
+        top = 0
+        for bi in {bi for bi, _, _ in corners}:
+            seen = np.flatnonzero(self._counts[bi].max(axis=0) >= 0.5)
             if seen.size:
                 top = max(top, int(seen[-1]) + 1)
         return float(top)
@@ -831,8 +838,12 @@ class OnlineLatency(LatencyModel):
     def _verify(self, batch: int, n: np.ndarray, total: np.ndarray, ctx_sum: float, ctx_max: float) -> np.ndarray:
         corners = self._corners(batch, ctx_max if self.ragged == "padded" else ctx_sum / batch)
         if self.optimistic:
-            # a longer verify costs at least what the longest measured one did: price it at that
-            clamp = np.minimum(n, self._explored(corners)) / np.maximum(n, 1.0)
+            # a longer verify costs at least what the longest measured one did (and at least a
+            # plain step): price it at that, as far as the reach goes. With a bounded reach nothing
+            # is priced optimistically before a measurement, so plain decoding gets measured first.
+            explored = self._explored(corners)
+            limit = math.inf if self.reach is None else explored + self.reach
+            clamp = np.where(n <= limit, np.minimum(n, max(explored, 1.0)) / np.maximum(n, 1.0), 1.0)
             n, total = n * clamp, total * clamp
         x, ctx = self._vfeatures(batch, total, ctx_sum, ctx_max)
         theta = self._rls_v.theta
