@@ -10,7 +10,7 @@ from adaptk.bench.runner import build_controller, bundled_trace_paths
 from adaptk.estimators.latency import get_latency_model
 from adaptk.sim.oracle import best_fixed
 from adaptk.sim.replay import Workload, replay
-from adaptk.sim.synthetic import regime_switching_traces
+from adaptk.sim.synthetic import iid_traces, regime_switching_traces
 from adaptk.sim.trace import TraceSet
 from adaptk.types import Feedback, StepContext
 
@@ -102,6 +102,40 @@ def test_learns_online_that_a_packed_h100_batch_verifies_long_drafts_almost_free
     cautious = adaptk.make("adaptk", latency={"name": "online", "ragged": "packed", "optimistic": False})
     assert replay(packed, work, engine, batch_size, num_requests=requests).token_goodput >= 0.98 * best.token_goodput
     assert replay(cautious, work, engine, batch_size, num_requests=requests).token_goodput < 0.9 * best.token_goodput
+
+
+@pytest.mark.parametrize("batch_size", [16, 64])
+def test_learns_online_that_a_padded_gpu_batch_verifies_several_tokens_cheaply(batch_size: int) -> None:
+    # The reference decoder on a GPU: padded, and verifying 4 tokens per row costs about what 1 does.
+    # The cautious online model believes the prior (an extra token is dear at batch >= 8) for lengths
+    # it has not measured, so it never measures them; the default walks up one token at a time.
+    work = Workload(iid_traces(n=24, alpha=(0.7, 0.95), seed=3))
+    engine = get_latency_model("h100-llama3-8b", drafter="draft_model", ragged="padded")
+    _, _, best, _ = best_fixed(work, engine, batch_size, ks=list(range(9)))
+    default = adaptk.make("adaptk")
+    cautious = adaptk.make("adaptk", latency={"name": "online", "optimistic": False})
+    assert replay(default, work, engine, batch_size).token_goodput >= 0.97 * best.token_goodput
+    assert replay(cautious, work, engine, batch_size).token_goodput < 0.9 * best.token_goodput
+
+
+def test_bounded_optimism_tries_a_dear_second_token_at_few_steps(prompt_lookup: TraceSet) -> None:
+    # SmolLM2 on this CPU at batch 64: verifying 2 tokens per row costs 3-6x verifying 1. Each try
+    # is priced from the last (one more token per row), so after a few tries the walk stops.
+    work = Workload(prompt_lookup.subset(category="qa"))
+    engine = get_latency_model("smollm2-135m-cpu", drafter="prompt_lookup")
+    controller = adaptk.make("adaptk")
+    widest = []
+    original = controller.update
+
+    def update(feedback: Feedback) -> None:
+        if len(feedback.seq_ids) == 64:
+            widest.append(int(np.max(feedback.num_draft_tokens)))
+        original(feedback)
+
+    controller.update = update
+    plain = replay(adaptk.make("fixed", k=0), work, engine, 64).token_goodput
+    assert replay(controller, work, engine, 64).token_goodput >= 0.97 * plain
+    assert len(widest) > 100 and sum(k > 0 for k in widest) <= 0.02 * len(widest)
 
 
 def early_exit_context(step: int, batch: int = 1) -> StepContext:

@@ -124,12 +124,18 @@ class AdaptK(SpeculationController):
     latency
         Cost profile / preset name, JSON path, or a spec dict for
         :func:`~adaptk.estimators.latency.get_latency_model`; ``None`` or ``"online"`` learns
-        costs online from step timings, priced as a padded batch (every row pays for the longest
-        draft, as in the reference decoder); ``{"name": "online", "ragged": "packed"}`` learns them
-        priced by total tokens, as in vLLM (which :mod:`adaptk.adapters.vllm` passes), and
-        explores verify lengths optimistically there
-        (:class:`~adaptk.estimators.latency.OnlineLatency` with ``optimistic=True``): a verify
-        longer than any measured is priced like the longest measured one, so it gets tried once.
+        costs online from step timings (:class:`~adaptk.estimators.latency.OnlineLatency`),
+        priced as a padded batch (every row pays for the longest draft, as in the reference
+        decoder); ``{"name": "online", "ragged": "packed"}`` prices them by total tokens, as in
+        vLLM (which :mod:`adaptk.adapters.vllm` passes). Either way verify lengths are explored
+        optimistically (``optimistic=True``): a verify longer than any measured at this batch
+        size is priced like the longest measured one, so it gets tried. Packed, any length is
+        (a try costs only its own tokens); padded, only one token per row more (``reach=1``), so
+        the lengths are walked up one at a time and the walk stops where the measured cost rises:
+        a GPU that verifies several tokens per row for the price of one gets found out, and a CPU
+        where the second token costs 5× the first pays for one try per batch size. Without it a
+        large batch never leaves the prior's caution (0.62–0.92 of the best fixed ``k`` on
+        GPU-like padded costs, ``benchmarks/online_costs.py``).
     decay
         Per-step decay of the acceptance counts (``0.998`` ≈ a 500-step memory).
     prior_rate
@@ -251,9 +257,12 @@ class AdaptK(SpeculationController):
         self._learns_costs = is_online(self.latency)
         if self._learns_costs:
             spec = dict(self.latency) if isinstance(self.latency, dict) else {"name": ONLINE}
-            if spec.get("ragged") == "packed":
-                # packed batches: explore verify lengths optimistically (a try costs only its own tokens)
-                spec.setdefault("optimistic", True)
+            # explore verify lengths optimistically: in a packed batch a try costs only its own
+            # tokens, so any length gets tried; in a padded batch every row pays for the longest
+            # draft, so only one token per row beyond the longest measured is priced like it
+            spec.setdefault("optimistic", True)
+            if spec.get("ragged", "padded") == "padded":
+                spec.setdefault("reach", 1)
             self._cost = get_latency_model(spec)
         elif isinstance(self.latency, dict):
             self._cost = get_latency_model(self.latency)
