@@ -697,21 +697,48 @@ class RegressionLatency(LatencyModel):
 # 3. learned online, no offline profile
 # ---------------------------------------------------------------------------------------------
 class _RLS:
-    """Recursive least squares with exponential forgetting ``lam`` and prior mean ``theta``."""
+    """Exponentially weighted least squares (forgetting ``lam``) regularised toward a prior mean.
+
+    ``theta`` minimises ``Σ_i lam^(t−i) (y_i − x_i·θ)² + ‖θ − prior‖² / prior_var``. The textbook
+    recursive update forgets its prior along with old data: in directions the data do not excite
+    (at one batch size the batch feature is a constant) its covariance grows or, clipped, turns
+    indefinite, and noisy timings then throw ``θ`` far off (a verify priced at 0 s or at 4 s where
+    steps took 40–80 ms). Here the prior keeps its weight, so ``θ`` stays at the prior where the
+    data say nothing, and the system solved is always positive definite. ``θ`` is solved lazily
+    (a 5×5 system) when read after an update.
+    """
 
     def __init__(self, theta: np.ndarray, prior_var: float, lam: float) -> None:
-        self.theta = theta.astype(np.float64)
-        self.p = np.eye(theta.size) * prior_var
+        self.prior = theta.astype(np.float64)
+        self.ridge = 1.0 / prior_var
         self.lam = lam
+        self.info = np.zeros((theta.size, theta.size))  # Σ lam^(t−i) x_i x_iᵀ
+        self.moment = np.zeros(theta.size)              # Σ lam^(t−i) x_i y_i
+        self._theta: np.ndarray | None = self.prior.copy()
 
     def update(self, x: np.ndarray, y: float) -> None:
-        px = self.p @ x
-        gain = px / (self.lam + x @ px)
-        self.theta = self.theta + gain * (y - x @ self.theta)
-        self.p = (self.p - np.outer(gain, px)) / self.lam
-        # keep P symmetric and bounded (forgetting with unexciting data can blow it up)
-        self.p = 0.5 * (self.p + self.p.T)
-        np.clip(self.p, -1e8, 1e8, out=self.p)
+        self.info *= self.lam
+        self.info += np.outer(x, x)
+        self.moment *= self.lam
+        self.moment += x * y
+        self._theta = None
+
+    @property
+    def theta(self) -> np.ndarray:
+        if self._theta is None:
+            regularised = self.info + self.ridge * np.eye(len(self.prior))
+            self._theta = np.linalg.solve(regularised, self.moment + self.ridge * self.prior)
+        return self._theta
+
+    def state_dict(self) -> dict:
+        return {"info": self.info.tolist(), "moment": self.moment.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        info = np.asarray(state["info"], dtype=np.float64)
+        moment = np.asarray(state["moment"], dtype=np.float64)
+        if info.shape != self.info.shape or moment.shape != self.moment.shape:
+            raise ValueError(f"state regression of shape {info.shape} does not fit this model's {self.info.shape}")
+        self.info, self.moment, self._theta = info, moment, None
 
 
 class OnlineLatency(LatencyModel):
@@ -905,8 +932,7 @@ class OnlineLatency(LatencyModel):
 
     def state_dict(self) -> dict:
         seen = np.nonzero(self._counts)
-        return {"theta_v": self._rls_v.theta.tolist(), "p_v": self._rls_v.p.tolist(),
-                "theta_d": self._rls_d.theta.tolist(), "p_d": self._rls_d.p.tolist(),
+        return {"verify_fit": self._rls_v.state_dict(), "draft_fit": self._rls_d.state_dict(),
                 "cells": [a.tolist() for a in seen], "counts": self._counts[seen].tolist(),
                 "ybar": self._ybar[seen].tolist(), "xbar": self._xbar[seen].tolist()}
 
@@ -914,10 +940,11 @@ class OnlineLatency(LatencyModel):
         idx = tuple(np.asarray(a, dtype=np.int64) for a in state["cells"])
         if len(idx) != 3 or any(a.size and a.max() >= dim for a, dim in zip(idx, self._counts.shape, strict=True)):
             raise ValueError(f"state cells do not fit this model's table of shape {self._counts.shape}")
-        self._rls_v.theta = np.asarray(state["theta_v"], dtype=np.float64)
-        self._rls_v.p = np.asarray(state["p_v"], dtype=np.float64)
-        self._rls_d.theta = np.asarray(state["theta_d"], dtype=np.float64)
-        self._rls_d.p = np.asarray(state["p_d"], dtype=np.float64)
+        if "verify_fit" not in state:
+            raise ValueError("state has no 'verify_fit': it was saved by an earlier adaptk, whose cost regression "
+                             "kept a covariance instead; it cannot be read, start without it")
+        self._rls_v.load_state_dict(state["verify_fit"])
+        self._rls_d.load_state_dict(state["draft_fit"])
         self._counts[:] = 0.0
         self._ybar[:] = 0.0
         self._xbar[:] = 0.0
