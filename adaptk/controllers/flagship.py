@@ -133,9 +133,10 @@ class AdaptK(SpeculationController):
         (a try costs only its own tokens); padded, only one token per row more (``reach=1``), so
         the lengths are walked up one at a time and the walk stops where the measured cost rises:
         a GPU that verifies several tokens per row for the price of one gets found out, and a CPU
-        where the second token costs 5× the first pays for one try per batch size. Without it a
-        large batch never leaves the prior's caution (0.62–0.92 of the best fixed ``k`` on
-        GPU-like padded costs, ``benchmarks/online_costs.py``).
+        where the second token costs 3–6× the first pays for a few tries per batch size. Without
+        it a large batch never leaves the prior's caution: on GPU-like padded costs at batch 64,
+        0.90 of the best fixed ``k`` on average and 0.58 at worst, against 0.99 and 0.975 with it
+        (``benchmarks/online_costs.py``).
     decay
         Per-step decay of the acceptance counts (``0.998`` ≈ a 500-step memory).
     prior_rate

@@ -746,9 +746,9 @@ class OnlineLatency(LatencyModel):
 
     Verify seconds = a global regression + a table of local corrections:
 
-    * a recursive-least-squares fit (forgetting factor ``forget``) on the features
-      ``[1, B, T, Σctx, T·ctx]`` (``T`` verified tokens, ``ctx`` the mean context under
-      ``"packed"``, the longest under ``"padded"``), which captures the smooth trend and
+    * a least-squares fit with exponential forgetting (``forget``), regularised toward the prior,
+      on the features ``[1, B, T, Σctx, T·ctx]`` (``T`` verified tokens, ``ctx`` the mean context
+      under ``"packed"``, the longest under ``"padded"``), which captures the smooth trend and
       extrapolates to batch sizes, lengths and contexts never seen;
     * cells indexed by (batch size on a log2 grid 1, 2, 4, …, ``max_batch``; context on a log2
       grid 16, 32, …, ``max_context``; tokens per row 1 … ``max_tokens``). Measured curves have
@@ -760,7 +760,7 @@ class OnlineLatency(LatencyModel):
       with multilinear weights (log2 B, log2 ctx, tokens); a prediction blends them the same way;
       cells never observed contribute 0 (pure regression).
 
-    Draft seconds: a second RLS on ``[1, F, F·R, F·L]`` (``F`` drafter forwards, ``R`` drafting
+    Draft seconds: a second such fit on ``[1, F, F·R, F·L]`` (``F`` drafter forwards, ``R`` drafting
     rows, ``L`` exit layer or 0) for steps that drafted, 0 when nothing is drafted.
 
     Prior before any data (``prior_step_s`` = one plain decoding step at batch 1): a verify step
@@ -854,7 +854,7 @@ class OnlineLatency(LatencyModel):
         return out
 
     def _explored(self, corners: list[tuple[int, int, float]]) -> float:
-        """The most tokens per row measured in any of these cells (0 when none)."""
+        """The most tokens per row measured at these cells' batch sizes, at any context (0 when none)."""
         top = 0
         for bi in {bi for bi, _, _ in corners}:
             seen = np.flatnonzero(self._counts[bi].max(axis=0) >= 0.5)
