@@ -45,7 +45,7 @@ GPU_PRESETS = ("h100-llama3-8b", "h100x4-llama3-70b")
 SEEDS = (0, 1, 2)
 
 
-def controllers(profile: str) -> dict[str, Any]:
+def controllers(profile: str | dict[str, Any]) -> dict[str, Any]:
     return {"cautious": {"name": "online", "optimistic": False}, "bounded": None, "profiled": profile}
 
 
@@ -57,7 +57,7 @@ def synthetic(kind: str, seed: int) -> TraceSet:
     return regime_switching_traces(n=24, seed=seed)
 
 
-def cell(work: Workload, engine: Any, profile: str, batch_size: int, **labels: Any) -> dict[str, Any]:
+def cell(work: Workload, engine: Any, profile: str | dict[str, Any], batch_size: int, **labels: Any) -> dict[str, Any]:
     k, _, best, _ = best_fixed(work, engine, batch_size)
     row: dict[str, Any] = {**labels, "batch_size": batch_size, "best_fixed_k": k}
     for name, latency in controllers(profile).items():

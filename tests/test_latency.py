@@ -266,7 +266,7 @@ def test_online_follows_drift_and_round_trips_state() -> None:
 def test_online_stays_on_the_measured_curve_under_noisy_timings_at_one_batch_size() -> None:
     # At one batch size the batch feature is a constant; a recursive fit that forgets its prior let
     # noisy timings (log-normal, sigma 0.1) throw its coefficients off until it priced plain decoding
-    # at 0 s and 8 tokens at 4 s. The curve is SmolLM2's on this CPU at batch 1.
+    # at 0 s and 8 tokens at 4.8 s. The curve is SmolLM2's on this CPU at batch 1.
     engine = get_latency_model("smollm2-135m-cpu", drafter="prompt_lookup")
     model = OnlineLatency()
     rng = np.random.default_rng(0)

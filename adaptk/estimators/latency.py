@@ -702,7 +702,7 @@ class _RLS:
     ``theta`` minimises ``Σ_i lam^(t−i) (y_i − x_i·θ)² + ‖θ − prior‖² / prior_var``. The textbook
     recursive update forgets its prior along with old data: in directions the data do not excite
     (at one batch size the batch feature is a constant) its covariance grows or, clipped, turns
-    indefinite, and noisy timings then throw ``θ`` far off (a verify priced at 0 s or at 4 s where
+    indefinite, and noisy timings then throw ``θ`` far off (a verify priced at 0 s or at 4.8 s where
     steps took 40–80 ms). Here the prior keeps its weight, so ``θ`` stays at the prior where the
     data say nothing, and the system solved is always positive definite. ``θ`` is solved lazily
     (a 5×5 system) when read after an update.
