@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,9 @@ from adaptk.sim.oracle import best_fixed
 from adaptk.sim.replay import Workload, replay
 from adaptk.sim.synthetic import iid_traces, regime_switching_traces
 from adaptk.sim.trace import TraceSet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from batch_objective import geomean  # noqa: E402
 
 BATCH_SIZES = (1, 4, 16, 64)
 CPU_WORKLOADS = ("math_reasoning", "qa", "summarization", "translation", "mixed")
@@ -72,11 +75,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     out = {}
     for name in ("cautious", "bounded", "profiled"):
         values = [row[name] for row in rows]
-        out[name] = {"geomean_vs_best_fixed": math.exp(sum(map(math.log, values)) / len(values)),
-                     "worst_vs_best_fixed": min(values)}
+        out[name] = {"geomean_vs_best_fixed": geomean(values), "worst_vs_best_fixed": min(values)}
     ratios = [row["bounded"] / row["cautious"] for row in rows]
-    out["bounded_over_cautious"] = {"geomean": math.exp(sum(map(math.log, ratios)) / len(ratios)),
-                                    "worst": min(ratios), "best": max(ratios)}
+    out["bounded_over_cautious"] = {"geomean": geomean(ratios), "worst": min(ratios), "best": max(ratios)}
     return out
 
 

@@ -696,7 +696,7 @@ class RegressionLatency(LatencyModel):
 # ---------------------------------------------------------------------------------------------
 # 3. learned online, no offline profile
 # ---------------------------------------------------------------------------------------------
-class _RLS:
+class _ForgettingLeastSquares:
     """Exponentially weighted least squares (forgetting ``lam``) regularised toward a prior mean.
 
     ``theta`` minimises ``Σ_i lam^(t−i) (y_i − x_i·θ)² + ‖θ − prior‖² / prior_var``. The textbook
@@ -819,8 +819,8 @@ class OnlineLatency(LatencyModel):
         self._vscale = np.array([1.0, 1 / 64, 1 / 256, 1 / 65536, 1 / 262144])
         self._dscale = np.array([1.0, 1 / 8, 1 / 64, 1 / 256])
         p, c = float(prior_step_s), float(prior_token_cost)
-        self._rls_v = _RLS(np.array([p * (1 - c), 0.0, p * c * 256, 0.0, 0.0]), 100.0, forget)
-        self._rls_d = _RLS(np.array([0.0, prior_draft_cost * p * 8, 0.0, 0.0]), 100.0, forget)
+        self._rls_v = _ForgettingLeastSquares(np.array([p * (1 - c), 0.0, p * c * 256, 0.0, 0.0]), 100.0, forget)
+        self._rls_d = _ForgettingLeastSquares(np.array([0.0, prior_draft_cost * p * 8, 0.0, 0.0]), 100.0, forget)
         nb = int(math.ceil(math.log2(max_batch))) + 1
         nc = int(math.ceil(math.log2(max_context / 16))) + 1
         self._bidx = [float(i) for i in range(nb)]
