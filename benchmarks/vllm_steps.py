@@ -5,6 +5,16 @@ engine steps, drafted and accepted tokens, wall time, and the median step time o
 (every slot busy) bucketed by how many tokens the step verified beyond one per request. The slope
 of that curve is what one drafted token costs; accepted / drafted is what it returns.
 
+Step counts and drafted tokens do not depend on how fast the shared machine happens to run; wall
+time does, by up to 1.5× between identical runs. So each run is also priced by the steps' own
+cost line, fitted over every full step of the whole benchmark (``ms = base + slope · drafted``):
+``steps · base + drafted · slope``. That is an estimate (it prices the tail and prefill steps like
+full ones, the same requests for every configuration), but one that host noise cannot move.
+
+By default the untimed full batch before the timed rounds runs under the last configuration, so a
+learning controller listed last starts the timed rounds trained. ``--fresh-start`` gives every
+configuration a new controller after it, so round 1 is a learning controller's cold start.
+
 Run in the vLLM environment (``bash scripts/install_vllm_env.sh``), alone on the machine::
 
     .venv-vllm/bin/python benchmarks/vllm_steps.py            # ~4 min
@@ -40,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-per-slot", type=int, default=4, help="as in bench_vllm.py")
     parser.add_argument("--k-max", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--fresh-start", action="store_true",
+                        help="new controllers after the untimed full batch: round 1 is a cold start")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm-steps.json"))
     args = parser.parse_args(argv)
 
@@ -81,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         hook.set_controller(kept[label])
         llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
     llm.generate(prompts, params, use_tqdm=False)  # the first full batch runs slow (first-touch allocations)
+    if args.fresh_start:
+        kept = {label: adaptk.from_spec(adapter.price_packed(spec)) for label, spec in specs}
     runs: dict[str, list[dict]] = defaultdict(list)
+    full_steps: list[tuple[int, float]] = []  # (drafted, ms) of every full step, all runs
     for r in range(args.rounds):
         order = specs[r % len(specs):] + specs[: r % len(specs)]
         for label, _ in order:
@@ -94,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             for seconds, rows, drafted, _ in steps:
                 if rows == args.concurrency:
                     full[min(drafted // 4 * 4, 24)].append(seconds)
+                    full_steps.append((drafted, 1e3 * seconds))
             runs[label].append({
                 "tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
                 "wall_s": wall,
@@ -124,10 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     curve = {b: statistics.median(v) for b, v in sorted(pooled.items())}
     print("median full-step ms by drafted tokens (bucket of 4):",
           {b: round(v, 1) for b, v in curve.items()})
+    drafted_per_step, step_ms = zip(*full_steps, strict=True)
+    try:
+        slope, base = statistics.linear_regression(drafted_per_step, step_ms)
+    except statistics.StatisticsError:  # every full step drafted the same (e.g. only K = 0 runs)
+        slope, base = 0.0, statistics.fmean(step_ms)
+    print(f"full steps: {base:.1f} ms + {slope:.2f} ms per drafted token; priced by that line, per run (s):")
+    for label, rs in runs.items():
+        for x in rs:
+            x["priced_s"] = (x["steps"] * base + x["drafted"] * slope) / 1e3
+        print(f"  {label:14s} " + ", ".join(f"{x['priced_s']:.2f}" for x in rs))
     Path(args.out).write_text(json.dumps({
         "command": "python benchmarks/vllm_steps.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "concurrency": args.concurrency, "rounds": args.rounds, "summary": summary,
-        "full_step_ms_by_drafted": curve, "runs": runs,
+        "full_step_ms_by_drafted": curve,
+        "full_step_line_ms": {"base": base, "per_drafted_token": slope}, "runs": runs,
     }, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
