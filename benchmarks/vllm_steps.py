@@ -32,6 +32,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -88,13 +89,17 @@ def main(argv: list[str] | None = None) -> int:
 
     hook.schedule_started, hook.send_feedback = timed_start, logged_feedback
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    kept = {label: adaptk.from_spec(adapter.price_packed(spec)) for label, spec in specs}
+
+    def new_controllers() -> dict[str, Any]:
+        return {label: adaptk.from_spec(adapter.price_packed(spec)) for label, spec in specs}
+
+    kept = new_controllers()
     for label in kept:  # warm-up (numba compiles the n-gram drafter)
         hook.set_controller(kept[label])
         llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
     llm.generate(prompts, params, use_tqdm=False)  # the first full batch runs slow (first-touch allocations)
     if args.fresh_start:
-        kept = {label: adaptk.from_spec(adapter.price_packed(spec)) for label, spec in specs}
+        kept = new_controllers()
     runs: dict[str, list[dict]] = defaultdict(list)
     full_steps: list[tuple[int, float]] = []  # (drafted, ms) of every full step, all runs
     for r in range(args.rounds):

@@ -819,8 +819,8 @@ class OnlineLatency(LatencyModel):
         self._vscale = np.array([1.0, 1 / 64, 1 / 256, 1 / 65536, 1 / 262144])
         self._dscale = np.array([1.0, 1 / 8, 1 / 64, 1 / 256])
         p, c = float(prior_step_s), float(prior_token_cost)
-        self._rls_v = _ForgettingLeastSquares(np.array([p * (1 - c), 0.0, p * c * 256, 0.0, 0.0]), 100.0, forget)
-        self._rls_d = _ForgettingLeastSquares(np.array([0.0, prior_draft_cost * p * 8, 0.0, 0.0]), 100.0, forget)
+        self._verify_fit = _ForgettingLeastSquares(np.array([p * (1 - c), 0.0, p * c * 256, 0.0, 0.0]), 100.0, forget)
+        self._draft_fit = _ForgettingLeastSquares(np.array([0.0, prior_draft_cost * p * 8, 0.0, 0.0]), 100.0, forget)
         nb = int(math.ceil(math.log2(max_batch))) + 1
         nc = int(math.ceil(math.log2(max_context / 16))) + 1
         self._bidx = [float(i) for i in range(nb)]
@@ -873,7 +873,7 @@ class OnlineLatency(LatencyModel):
             clamp = np.where(n <= limit, np.minimum(n, max(explored, 1.0)) / np.maximum(n, 1.0), 1.0)
             n, total = n * clamp, total * clamp
         x, ctx = self._vfeatures(batch, total, ctx_sum, ctx_max)
-        theta = self._rls_v.theta
+        theta = self._verify_fit.theta
         if len(corners) == 1:
             bi, ci, _ = corners[0]
             row = self._ybar[bi, ci] - self._xbar[bi, ci] @ theta
@@ -895,7 +895,7 @@ class OnlineLatency(LatencyModel):
     def _draft(self, rows: int, forwards: np.ndarray, ctx_sum: float, exit_layer: int | None) -> np.ndarray:
         if rows == 0:
             return np.zeros(forwards.shape)
-        pred = self._dfeatures(rows, forwards, exit_layer) @ self._rls_d.theta
+        pred = self._dfeatures(rows, forwards, exit_layer) @ self._draft_fit.theta
         return np.where(forwards > 0, np.maximum(pred, 0.0), 0.0)
 
     def observe(self, batch_size: int, num_draft_tokens: Any, context_lens: Any, draft_time_s: float,
@@ -908,7 +908,7 @@ class OnlineLatency(LatencyModel):
         n, total, rows, forwards = self._shape(batch, k)
         xs, ctx = self._vfeatures(batch, np.array([total]), ctx_sum, ctx_max)
         x = xs[0]
-        self._rls_v.update(x, verify_s)
+        self._verify_fit.update(x, verify_s)
         lo = int(math.floor(n)) - 1
         frac = n - 1 - lo
         bs, cs, ns, ws = [], [], [], []
@@ -928,11 +928,11 @@ class OnlineLatency(LatencyModel):
             self._xbar[idx] += step[:, None] * (x - self._xbar[idx])
         if rows:
             xd = self._dfeatures(rows, np.array([forwards]), exit_layer)[0]
-            self._rls_d.update(xd, draft_s)
+            self._draft_fit.update(xd, draft_s)
 
     def state_dict(self) -> dict:
         seen = np.nonzero(self._counts)
-        return {"verify_fit": self._rls_v.state_dict(), "draft_fit": self._rls_d.state_dict(),
+        return {"verify_fit": self._verify_fit.state_dict(), "draft_fit": self._draft_fit.state_dict(),
                 "cells": [a.tolist() for a in seen], "counts": self._counts[seen].tolist(),
                 "ybar": self._ybar[seen].tolist(), "xbar": self._xbar[seen].tolist()}
 
@@ -943,8 +943,8 @@ class OnlineLatency(LatencyModel):
         if "verify_fit" not in state:
             raise ValueError("state has no 'verify_fit': it was saved by an earlier adaptk, whose cost regression "
                              "kept a covariance instead; it cannot be read, start without it")
-        self._rls_v.load_state_dict(state["verify_fit"])
-        self._rls_d.load_state_dict(state["draft_fit"])
+        self._verify_fit.load_state_dict(state["verify_fit"])
+        self._draft_fit.load_state_dict(state["draft_fit"])
         self._counts[:] = 0.0
         self._ybar[:] = 0.0
         self._xbar[:] = 0.0
