@@ -19,6 +19,9 @@ Run in the vLLM environment (``bash scripts/install_vllm_env.sh``), alone on the
 
     .venv-vllm/bin/python benchmarks/vllm_steps.py            # ~4 min
 
+Each run also splits its wall clock: seconds in decode steps, in steps that also ran prompt tokens
+(admissions, the same for every configuration), and in the controller's decisions between steps.
+
 Results: ``benchmarks/results/vllm-steps.json`` and a printed table.
 """
 
@@ -74,20 +77,31 @@ def main(argv: list[str] | None = None) -> int:
               **adapter.engine_kwargs("fixed", method="ngram", k_max=args.k_max,
                                       prompt_lookup_min=2, prompt_lookup_max=4))
     hook = adapter.scheduler_hook(llm)
-    steps: list[tuple[float, int, int, int]] = []  # (seconds, rows, drafted, accepted) per engine step
-    schedule_started, send_feedback = hook.schedule_started, hook.send_feedback
+    # (seconds, rows, drafted, accepted, ran prompt tokens) per engine step
+    steps: list[tuple[float, int, int, int, bool]] = []
+    schedule_started, send_feedback, decide_caps = hook.schedule_started, hook.send_feedback, hook._decide_caps
     started: list[float] = []
+    deciding = [0.0]  # seconds in the controller's decisions (and the adapter around them), this run
 
     def timed_start() -> float:
         started.append(schedule_started())
         return started[-1]
 
     def logged_feedback(output, rows) -> None:
+        prefilled = hook._prefilled(output)
         send_feedback(output, rows)
         rows = rows or []
-        steps.append((time.perf_counter() - started[-1], len(rows), sum(r[2] for r in rows), sum(r[3] for r in rows)))
+        steps.append((time.perf_counter() - started[-1], len(rows), sum(r[2] for r in rows),
+                      sum(r[3] for r in rows), prefilled))
 
-    hook.schedule_started, hook.send_feedback = timed_start, logged_feedback
+    def timed_decide(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return decide_caps(*args, **kwargs)
+        finally:
+            deciding[0] += time.perf_counter() - t0
+
+    hook.schedule_started, hook.send_feedback, hook._decide_caps = timed_start, logged_feedback, timed_decide
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
 
     def new_controllers() -> dict[str, Any]:
@@ -107,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         for label, _ in order:
             hook.set_controller(kept[label])
             steps.clear()
+            deciding[0] = 0.0
             t0 = time.perf_counter()
             outputs = llm.generate(prompts, params, use_tqdm=False)
             wall = time.perf_counter() - t0
             full = defaultdict(list)
-            for seconds, rows, drafted, _ in steps:
+            for seconds, rows, drafted, _, _ in steps:
                 if rows == args.concurrency:
                     full[min(drafted // 4 * 4, 24)].append(seconds)
                     full_steps.append((drafted, 1e3 * seconds))
@@ -121,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": len(steps),
                 "drafted": sum(s[2] for s in steps),
                 "accepted": sum(s[3] for s in steps),
+                # where the wall clock went: decode steps, steps that also ran prompt tokens (the
+                # same admissions for every configuration), the controller's decisions (between steps)
+                "decode_steps_s": sum(s[0] for s in steps if not s[4]),
+                "prefill_steps_s": sum(s[0] for s in steps if s[4]),
+                "prefill_steps": sum(1 for s in steps if s[4]),
+                "deciding_s": deciding[0],
                 "full_step_ms_by_drafted": {b: [len(v), 1e3 * statistics.median(v)] for b, v in sorted(full.items())},
             })
             print(f"round {r + 1}: {label}: {runs[label][-1]['tokens'] / wall:.1f} tok/s", flush=True)
@@ -137,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio = row["accepted"] / row["drafted"] if row["drafted"] else 0.0
         print(f"{label:14s} {row['tokens_per_s']:7.1f} {row['steps']:6.0f} {row['drafted']:8.0f} "
               f"{row['accepted']:9.0f} {ratio:9.2f}")
+    print("wall clock split, per run (s): decode steps / steps with prompt tokens / deciding")
+    for label, rs in runs.items():
+        print(f"  {label:14s} " + ", ".join(
+            f"{x['decode_steps_s']:.2f} / {x['prefill_steps_s']:.2f} / {x['deciding_s']:.3f}" for x in rs))
     pooled = defaultdict(list)
     for rs in runs.values():
         for x in rs:
