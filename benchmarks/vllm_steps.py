@@ -20,7 +20,8 @@ Run in the vLLM environment (``bash scripts/install_vllm_env.sh``), alone on the
     .venv-vllm/bin/python benchmarks/vllm_steps.py            # ~4 min
 
 Each run also splits its wall clock: seconds in decode steps, in steps that also ran prompt tokens
-(admissions, the same for every configuration), and in the controller's decisions between steps.
+(admissions, the same for every configuration), and in the controller's decisions between steps;
+the rest is the engine's own work between steps.
 
 Results: ``benchmarks/results/vllm-steps.json`` and a printed table.
 """
