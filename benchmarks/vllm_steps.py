@@ -15,13 +15,13 @@ By default the untimed full batch before the timed rounds runs under the last co
 learning controller listed last starts the timed rounds trained. ``--fresh-start`` gives every
 configuration a new controller after it, so round 1 is a learning controller's cold start.
 
-Run in the vLLM environment (``bash scripts/install_vllm_env.sh``), alone on the machine::
-
-    .venv-vllm/bin/python benchmarks/vllm_steps.py            # ~4 min
-
 Each run also splits its wall clock: seconds in decode steps, in steps that also ran prompt tokens
 (admissions, the same for every configuration), and in the controller's decisions between steps;
 the rest is the engine's own work between steps.
+
+Run in the vLLM environment (``bash scripts/install_vllm_env.sh``), alone on the machine::
+
+    .venv-vllm/bin/python benchmarks/vllm_steps.py            # ~4 min
 
 Results: ``benchmarks/results/vllm-steps.json`` and a printed table.
 """
@@ -36,7 +36,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -45,6 +45,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_vllm import batched_requests, chat_prompts, parse_controllers  # noqa: E402
+
+
+class Step(NamedTuple):
+    """One engine step as the hook saw it."""
+
+    seconds: float
+    rows: int  # requests that got feedback
+    drafted: int
+    accepted: int
+    prefilled: bool  # the step also ran prompt tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
               **adapter.engine_kwargs("fixed", method="ngram", k_max=args.k_max,
                                       prompt_lookup_min=2, prompt_lookup_max=4))
     hook = adapter.scheduler_hook(llm)
-    # (seconds, rows, drafted, accepted, ran prompt tokens) per engine step
-    steps: list[tuple[float, int, int, int, bool]] = []
+    steps: list[Step] = []
     schedule_started, send_feedback, decide_caps = hook.schedule_started, hook.send_feedback, hook._decide_caps
     started: list[float] = []
     deciding = [0.0]  # seconds in the controller's decisions (and the adapter around them), this run
@@ -92,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         prefilled = hook._prefilled(output)
         send_feedback(output, rows)
         rows = rows or []
-        steps.append((time.perf_counter() - started[-1], len(rows), sum(r[2] for r in rows),
-                      sum(r[3] for r in rows), prefilled))
+        steps.append(Step(time.perf_counter() - started[-1], len(rows), sum(r[2] for r in rows),
+                          sum(r[3] for r in rows), prefilled))
 
     def timed_decide(*args, **kwargs):
         t0 = time.perf_counter()
@@ -127,21 +136,21 @@ def main(argv: list[str] | None = None) -> int:
             outputs = llm.generate(prompts, params, use_tqdm=False)
             wall = time.perf_counter() - t0
             full = defaultdict(list)
-            for seconds, rows, drafted, _, _ in steps:
-                if rows == args.concurrency:
-                    full[min(drafted // 4 * 4, 24)].append(seconds)
-                    full_steps.append((drafted, 1e3 * seconds))
+            for step in steps:
+                if step.rows == args.concurrency:
+                    full[min(step.drafted // 4 * 4, 24)].append(step.seconds)
+                    full_steps.append((step.drafted, 1e3 * step.seconds))
             runs[label].append({
                 "tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
                 "wall_s": wall,
                 "steps": len(steps),
-                "drafted": sum(s[2] for s in steps),
-                "accepted": sum(s[3] for s in steps),
+                "drafted": sum(s.drafted for s in steps),
+                "accepted": sum(s.accepted for s in steps),
                 # where the wall clock went: decode steps, steps that also ran prompt tokens (the
                 # same admissions for every configuration), the controller's decisions (between steps)
-                "decode_steps_s": sum(s[0] for s in steps if not s[4]),
-                "prefill_steps_s": sum(s[0] for s in steps if s[4]),
-                "prefill_steps": sum(1 for s in steps if s[4]),
+                "decode_steps_s": sum(s.seconds for s in steps if not s.prefilled),
+                "prefill_steps_s": sum(s.seconds for s in steps if s.prefilled),
+                "prefill_steps": sum(s.prefilled for s in steps),
                 "deciding_s": deciding[0],
                 "full_step_ms_by_drafted": {b: [len(v), 1e3 * statistics.median(v)] for b, v in sorted(full.items())},
             })
