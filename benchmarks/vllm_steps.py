@@ -15,6 +15,10 @@ By default the untimed full batch before the timed rounds runs under the last co
 learning controller listed last starts the timed rounds trained. ``--fresh-start`` gives every
 configuration a new controller after it, so round 1 is a learning controller's cold start.
 
+Each run also counts its drain: the steps after the last admission, when freed slots are no longer
+refilled, and the row-steps left idle over the run (slots without a running request, or admitting
+one), which is where a finite job loses part of what speculation saves at full batch.
+
 Each run also splits its wall clock: seconds in decode steps, in steps that also ran prompt tokens
 (admissions, the same for every configuration), and in the controller's decisions between steps;
 the rest is the engine's own work between steps.
@@ -152,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                 "prefill_steps_s": sum(s.seconds for s in steps if s.prefilled),
                 "prefill_steps": sum(s.prefilled for s in steps),
                 "deciding_s": deciding[0],
+                # the drain: once the last request is admitted no freed slot is refilled, so the
+                # batch thins while the last requests finish; what speculation saves at full batch
+                # is partly lost to the rows left idle there
+                "drain_steps": len(steps) - 1 - max((i for i, s in enumerate(steps) if s.prefilled), default=-1),
+                "idle_row_steps": sum(args.concurrency - s.rows for s in steps),
                 "full_step_ms_by_drafted": {b: [len(v), 1e3 * statistics.median(v)] for b, v in sorted(full.items())},
             })
             print(f"round {r + 1}: {label}: {runs[label][-1]['tokens'] / wall:.1f} tok/s", flush=True)
@@ -172,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, rs in runs.items():
         print(f"  {label:14s} " + ", ".join(
             f"{x['decode_steps_s']:.2f} / {x['prefill_steps_s']:.2f} / {x['deciding_s']:.3f}" for x in rs))
+    print("drain steps (after the last admission) / idle row-steps, per run")
+    for label, rs in runs.items():
+        print(f"  {label:14s} " + ", ".join(f"{x['drain_steps']} / {x['idle_row_steps']}" for x in rs))
     pooled = defaultdict(list)
     for rs in runs.values():
         for x in rs:
