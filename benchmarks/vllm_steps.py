@@ -61,6 +61,22 @@ class Step(NamedTuple):
     prefilled: bool  # the step also ran prompt tokens
 
 
+def drain(steps: list[Step], concurrency: int) -> tuple[int, int]:
+    """(steps after the last one that admitted a request, row-steps left idle over the run).
+
+    Once the last request is admitted no freed slot is refilled, so the batch thins while the last
+    requests finish: what speculation saves at full batch is partly lost to the idle rows there.
+    A row admitting a request (its prompt step) counts as idle: it verifies nothing.
+
+    >>> steps = [Step(0.1, 0, 0, 0, True), Step(0.1, 2, 2, 1, False), Step(0.1, 1, 1, 0, True),
+    ...          Step(0.1, 2, 0, 0, False), Step(0.1, 1, 0, 0, False)]
+    >>> drain(steps, concurrency=2)
+    (2, 4)
+    """
+    last_admission = max((i for i, step in enumerate(steps) if step.prefilled), default=-1)
+    return len(steps) - 1 - last_admission, sum(concurrency - step.rows for step in steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--controllers", default="fixed:2,fixed:8,adaptk")
@@ -156,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 "prefill_steps_s": sum(s.seconds for s in steps if s.prefilled),
                 "prefill_steps": sum(s.prefilled for s in steps),
                 "deciding_s": deciding[0],
-                # the drain: once the last request is admitted no freed slot is refilled, so the
-                # batch thins while the last requests finish; what speculation saves at full batch
-                # is partly lost to the rows left idle there
-                "drain_steps": len(steps) - 1 - max((i for i, s in enumerate(steps) if s.prefilled), default=-1),
-                "idle_row_steps": sum(args.concurrency - s.rows for s in steps),
+                **dict(zip(("drain_steps", "idle_row_steps"), drain(steps, args.concurrency), strict=True)),
                 "full_step_ms_by_drafted": {b: [len(v), 1e3 * statistics.median(v)] for b, v in sorted(full.items())},
             })
             print(f"round {r + 1}: {label}: {runs[label][-1]['tokens'] / wall:.1f} tok/s", flush=True)
