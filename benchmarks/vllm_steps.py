@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             outputs = llm.generate(prompts, params, use_tqdm=False)
             wall = time.perf_counter() - t0
+            drain_steps, idle_row_steps = drain(steps, args.concurrency)
             full = defaultdict(list)
             for step in steps:
                 if step.rows == args.concurrency:
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 "prefill_steps_s": sum(s.seconds for s in steps if s.prefilled),
                 "prefill_steps": sum(s.prefilled for s in steps),
                 "deciding_s": deciding[0],
-                **dict(zip(("drain_steps", "idle_row_steps"), drain(steps, args.concurrency), strict=True)),
+                "drain_steps": drain_steps,
+                "idle_row_steps": idle_row_steps,
                 "full_step_ms_by_drafted": {b: [len(v), 1e3 * statistics.median(v)] for b, v in sorted(full.items())},
             })
             print(f"round {r + 1}: {label}: {runs[label][-1]['tokens'] / wall:.1f} tok/s", flush=True)
