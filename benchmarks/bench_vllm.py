@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    command = ".venv-vllm/bin/python benchmarks/bench_vllm.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out.write_text(json.dumps({"command": command, "meta": meta, "results": rows}, indent=2) + "\n")
 
     print(
         f"\nSmolLM2-135M + vLLM {vllm.__version__} ngram, {len(prompts)} Spec-Bench prompts at c=1 "
