@@ -77,7 +77,12 @@ def _tiny(seed: int, layers: int) -> transformers.LlamaForCausalLM:
         num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.5,  # peaked logits: no near-ties
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
-    return transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(config).eval()
+    # Every call here passes eos_token_id=None. From transformers 5.25 an assistant still stops
+    # drafting at its own generation config's EOS, so a drafter asked for k tokens could deliver
+    # fewer; with no EOS anywhere it delivers k, which the tests check.
+    model.generation_config.eos_token_id = None
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,8 @@ __all__ = [
 
 #: transformers versions this adapter is tested against: ``(lowest, first unsupported)``. Both ends
 #: of the hook (``_get_candidate_generator``, the generators' length attributes, callable
-#: ``custom_generate``) were read in the 5.19 and 5.23 sources; the tests ran on both.
+#: ``custom_generate``, and from 5.25 ``num_drafting_tokens``) were read in the 5.19, 5.23 and 5.25
+#: sources; the tests ran on 5.19, 5.23, 5.24 and 5.25.
 SUPPORTED_TRANSFORMERS = ("5.19", "6")
 #: ``k_max`` when neither the caller nor ``prompt_lookup_num_tokens`` sets one.
 DEFAULT_K_MAX = 8
@@ -240,6 +241,13 @@ class _AdaptiveCandidateGenerator(CandidateGenerator):
         self._verify_start = 0.0
         self._signals: dict[str, np.ndarray] = {}
         self._prefilled = False  # the first verify (and an assistant's first draft) also runs the prompt
+
+    @property
+    def num_drafting_tokens(self) -> int:
+        # transformers >= 5.25 asks every candidate generator how many tokens one step may draft
+        # (models with recurrent layers keep that many past states to roll back rejected drafts);
+        # the controller never drafts more than k_max
+        return self.k_max
 
     def _hints(self, input_ids: torch.LongTensor, k_max: int) -> tuple[list[int], list[int]]:
         """Prompt lookup: how many tokens the lookup offers now and the matched n-gram length.
