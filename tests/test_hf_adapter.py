@@ -78,9 +78,9 @@ def _tiny(seed: int, layers: int) -> transformers.LlamaForCausalLM:
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
     model = transformers.LlamaForCausalLM(config).eval()
-    # Every call here passes eos_token_id=None. From transformers 5.25 an assistant still stops
-    # drafting at its own generation config's EOS, so a drafter asked for k tokens could deliver
-    # fewer; with no EOS anywhere it delivers k, which the tests check.
+    # Every call here passes eos_token_id=None, yet an assistant stops drafting at its own
+    # generation config's EOS (seen on transformers 5.25), so a drafter asked for k tokens could
+    # deliver fewer; with no EOS anywhere it delivers k, which the tests check.
     model.generation_config.eos_token_id = None
     return model
 
