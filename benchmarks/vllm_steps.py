@@ -15,7 +15,7 @@ By default the untimed full batch before the timed rounds runs under the last co
 learning controller listed last starts the timed rounds trained. ``--fresh-start`` gives every
 configuration a new controller after it, so round 1 is a learning controller's cold start.
 
-Each run also counts its drain: the steps after the last admission, when freed slots are no longer
+Each run counts its drain: the steps after the last admission, when freed slots are no longer
 refilled, and the row-steps left idle over the run (slots without a running request, or admitting
 one), which is where a finite job loses part of what speculation saves at full batch.
 
