@@ -8,11 +8,11 @@ import pytest
 
 
 @pytest.fixture
-def vllm_steps(benchmark_script, monkeypatch):
-    before = dict(os.environ)
+def vllm_steps(benchmark_script):
+    before = set(os.environ)
     module = benchmark_script("vllm_steps")
-    for name in set(os.environ) - set(before):  # the script sets vLLM's environment on import
-        monkeypatch.delenv(name)
+    for name in set(os.environ) - before:  # the script sets vLLM's environment on import
+        del os.environ[name]  # (monkeypatch.delenv would put it back at teardown)
     return module
 
 
